@@ -1,0 +1,185 @@
+"""Score models (reward / cost / critic) on paddlenlp backbones, and ``AutoModelForScore``.
+
+A score model is a causal-LM backbone without its LM head plus a small ``score_head`` (see
+:class:`~alignment.models.score_model_utils.ScoreModelMixin`). The backbone attribute has the same name
+as in the causal LM (``llama``, ``qwen``), so a causal-LM checkpoint (e.g. the SFT model) loads into a
+score model directly: ``lm_head.weight`` is reported as unused and a fresh score head is created.
+Score checkpoints (``save_pretrained``) hold ``score_head.*`` and the normalizer buffers, and their
+config records the score options plus ``architectures = ["<Name>ModelForScore"]``.
+
+Adding an architecture = one class here + one entry in :data:`MODEL_FOR_SCORE_MAPPING`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import paddle
+from paddlenlp.transformers import (
+    AutoConfig,
+    LlamaConfig,
+    LlamaModel,
+    LlamaPretrainedModel,
+    PretrainedConfig,
+    PretrainedModel,
+    QWenConfig,
+    QWenModel,
+    QWenPretrainedModel,
+)
+
+from alignment.models.score_model_utils import ScoreModelMixin
+
+__all__ = ["LlamaModelForScore", "QWenModelForScore", "MODEL_FOR_SCORE_MAPPING", "AutoModelForScore"]
+
+
+def _without_lm_head(mappings: dict) -> dict:
+    """Tensor-parallel split/merge actions minus the LM head's (a score model has none; its small
+    ``score_head`` is replicated on every tensor-parallel rank, so it needs no action)."""
+    return {name: action for name, action in mappings.items() if not name.endswith("lm_head.weight")}
+
+
+class LlamaModelForScore(ScoreModelMixin, LlamaPretrainedModel):
+    """Llama backbone (``self.llama``) + ``score_head``: ``forward`` returns per-token and end scores."""
+
+    def __init__(self, config: LlamaConfig, **kwargs) -> None:
+        super().__init__(config)
+        self.llama = LlamaModel(config)
+        self.init_score_head(config, hidden_size=config.hidden_size, **kwargs)
+
+    @classmethod
+    def _get_tensor_parallel_mappings(cls, config: LlamaConfig, is_split: bool = True) -> dict:
+        return _without_lm_head(super()._get_tensor_parallel_mappings(config, is_split=is_split))
+
+    def get_input_embeddings(self):
+        return self.llama.embed_tokens
+
+    def set_input_embeddings(self, value) -> None:
+        self.llama.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: Optional[paddle.Tensor] = None,
+        attention_mask: Optional[paddle.Tensor] = None,
+        position_ids: Optional[paddle.Tensor] = None,
+        past_key_values=None,
+        inputs_embeds: Optional[paddle.Tensor] = None,
+        use_cache: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+    ):
+        """Scores of ``input_ids`` [B, L]; see :meth:`ScoreModelMixin.get_score` for the outputs."""
+        outputs = self.llama(
+            input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            past_key_values=past_key_values,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        hidden_states = outputs.last_hidden_state
+        if self.config.sequence_parallel:
+            # The backbone leaves [B*L / mp, E] token shards on each rank; gather them like LlamaLMHead.
+            from paddle.distributed.fleet.utils.sequence_parallel_utils import GatherOp
+
+            seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+            hidden_states = GatherOp.apply(hidden_states).reshape([-1, seq_len, self.config.hidden_size])
+        return self.get_score(hidden_states, attention_mask, position_ids, return_dict)
+
+
+class QWenModelForScore(ScoreModelMixin, QWenPretrainedModel):
+    """QWen (v1) backbone (``self.qwen``) + ``score_head``."""
+
+    def __init__(self, config: QWenConfig, **kwargs) -> None:
+        super().__init__(config)
+        self.qwen = QWenModel(config)
+        self.init_score_head(config, hidden_size=config.hidden_size, **kwargs)
+
+    @classmethod
+    def _get_tensor_parallel_mappings(cls, config: QWenConfig, is_split: bool = True) -> dict:
+        return _without_lm_head(super()._get_tensor_parallel_mappings(config, is_split=is_split))
+
+    def get_input_embeddings(self):
+        return self.qwen.wte
+
+    def set_input_embeddings(self, value) -> None:
+        self.qwen.wte = value
+
+    def forward(
+        self,
+        input_ids: Optional[paddle.Tensor] = None,
+        attention_mask: Optional[paddle.Tensor] = None,
+        position_ids: Optional[paddle.Tensor] = None,
+        past_key_values=None,
+        inputs_embeds: Optional[paddle.Tensor] = None,
+        use_cache: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+    ):
+        """Scores of ``input_ids`` [B, L]; see :meth:`ScoreModelMixin.get_score` for the outputs."""
+        outputs = self.qwen(
+            input_ids,
+            past_key_values=past_key_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        return self.get_score(outputs.last_hidden_state, attention_mask, position_ids, return_dict)
+
+
+MODEL_FOR_SCORE_MAPPING: dict[str, type[PretrainedModel]] = {
+    "llama": LlamaModelForScore,
+    "qwen": QWenModelForScore,
+}
+"""``config.model_type`` -> score-model class. One entry per supported architecture."""
+
+
+class AutoModelForScore:
+    """Builds the score model matching a config's ``model_type`` (or ``architectures``).
+
+    ``from_pretrained(path, **kwargs)`` loads a causal-LM checkpoint (fresh score head) or a score
+    checkpoint; ``kwargs`` are score options (``score_type``, ``do_normalize``, ``normalizer_type``,
+    ``normalizer_momentum``, ``score_dim``, ``score_bias``) and paddlenlp ``from_pretrained`` options.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        raise EnvironmentError(
+            "AutoModelForScore is a factory: use AutoModelForScore.from_pretrained(path) or .from_config(config)"
+        )
+
+    @staticmethod
+    def model_class(config: PretrainedConfig) -> type[PretrainedModel]:
+        """The score-model class for ``config`` (by ``model_type``, else by an ``architectures`` entry)."""
+        model_type = getattr(config, "model_type", None)
+        if model_type in MODEL_FOR_SCORE_MAPPING:
+            return MODEL_FOR_SCORE_MAPPING[model_type]
+        by_name = {model_class.__name__: model_class for model_class in MODEL_FOR_SCORE_MAPPING.values()}
+        for architecture in getattr(config, "architectures", None) or []:
+            if architecture in by_name:
+                return by_name[architecture]
+        raise ValueError(
+            f"No score model for model_type {model_type!r} (architectures "
+            f"{getattr(config, 'architectures', None)}); supported model types: {sorted(MODEL_FOR_SCORE_MAPPING)}"
+        )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, *args, **kwargs) -> PretrainedModel:
+        config = kwargs.get("config")
+        if not isinstance(config, PretrainedConfig):
+            location_kwargs = {
+                key: kwargs[key] for key in ("cache_dir", "subfolder", "from_hf_hub", "from_aistudio") if key in kwargs
+            }
+            config = AutoConfig.from_pretrained(config or pretrained_model_name_or_path, **location_kwargs)
+        return cls.model_class(config).from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    @classmethod
+    def from_config(cls, config: PretrainedConfig, **kwargs) -> PretrainedModel:
+        return cls.model_class(config).from_config(config, **kwargs)

@@ -1,0 +1,44 @@
+"""Shared fixtures: offline tiny assets built once per test session."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA_DIR = os.path.join(REPO_ROOT, "data")
+
+# Quiet, deterministic, single-threaded by default: tests compare numbers, not speed.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("GLOG_minloglevel", "2")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory) -> dict[str, str]:
+    """``{"tokenizer": dir, "llama": dir}``: the deterministic tiny tokenizer and random Llama."""
+    from alignment.utils.tiny_assets import build_tiny_assets
+
+    return build_tiny_assets(str(tmp_path_factory.mktemp("tiny_assets")), preset="tiny", data_dir=DATA_DIR)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_assets):
+    """The tiny LLaMA-style tokenizer (no pad token of its own: pad = eos)."""
+    from alignment.data import load_tokenizer
+
+    return load_tokenizer(tiny_assets["tokenizer"], model_max_length=128)
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> str:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def python() -> str:
+    """The interpreter running the tests (used to launch subprocesses)."""
+    return sys.executable
