@@ -8,6 +8,7 @@ from __future__ import annotations
 import paddle
 
 from alignment.data.alpaca import AlpacaDataset
+from alignment.data.arguments import DataArgument
 from alignment.data.base import (
     IGNORE_INDEX,
     PROMPT_ASSISTANT,
@@ -71,6 +72,7 @@ __all__ = [
     "parse_dataset",
     "parse_datasets",
     "import_custom_dataset_modules",
+    "DataArgument",
     "load_tokenizer",
     "is_same_tokenizer",
     "batch_retokenize",

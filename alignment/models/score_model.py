@@ -12,6 +12,7 @@ Adding an architecture = one class here + one entry in :data:`MODEL_FOR_SCORE_MA
 
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import paddle
@@ -26,6 +27,7 @@ from paddlenlp.transformers import (
     QWenModel,
     QWenPretrainedModel,
 )
+from paddlenlp.transformers.conversion_utils import StateDictNameMapping, init_name_mappings
 
 from alignment.models.score_model_utils import ScoreModelMixin
 
@@ -49,6 +51,20 @@ class LlamaModelForScore(ScoreModelMixin, LlamaPretrainedModel):
     @classmethod
     def _get_tensor_parallel_mappings(cls, config: LlamaConfig, is_split: bool = True) -> dict:
         return _without_lm_head(super()._get_tensor_parallel_mappings(config, is_split=is_split))
+
+    @classmethod
+    def _get_name_mappings(cls, config: LlamaConfig) -> list[StateDictNameMapping]:
+        """Hugging Face (torch) names -> ours, for ``from_pretrained(..., convert_from_torch=True)`` of
+        safe-rlhf score checkpoints (e.g. PKU-Alignment/beaver-7b-v1.0-reward): ``model.*`` -> ``llama.*``,
+        ``score_head.weight`` transposed, normalizer buffers as they are; no LM head."""
+        if config.architectures is None:  # the parent tests membership in it
+            config = copy.copy(config)
+            config.architectures = [cls.__name__]
+        mappings = [m for m in super()._get_name_mappings(config) if m.source_name != "lm_head.weight"]
+        extra = [["score_head.weight", None, "transpose"], ["score_head.bias"]]
+        extra += [[f"normalizer.{name}"] for name in ("mean", "var", "count")]
+        init_name_mappings(extra)
+        return mappings + [StateDictNameMapping(*mapping, index=len(mappings) + i) for i, mapping in enumerate(extra)]
 
     def get_input_embeddings(self):
         return self.llama.embed_tokens

@@ -18,6 +18,7 @@ import paddle
 import paddle.distributed as dist
 import paddle.nn.functional as F
 from paddle import nn
+from paddle.distributed import fleet
 from paddlenlp.transformers.model_outputs import ModelOutput
 from paddlenlp.utils.log import logger
 
@@ -35,6 +36,8 @@ __all__ = [
     "ScoreModelMixin",
     "last_valid_index",
     "end_index_from_position_ids",
+    "gather_end_scores",
+    "gather_across_data_parallel",
     "first_divergence_index",
     "divergence_span_mask",
     "reward_sequence_loss",
@@ -291,7 +294,7 @@ def _data_parallel_groups() -> list:
     group when fleet built one (tensor/pipeline peers hold the same samples and are left out), else
     ``[None]`` (the global group)."""
     try:
-        hcg = dist.fleet.get_hybrid_communicate_group()
+        hcg = fleet.get_hybrid_communicate_group()
     except (AttributeError, AssertionError):  # fleet.init was not called with a hybrid strategy
         return [None]
     if hcg is None:
@@ -440,6 +443,9 @@ class ScoreModelMixin:
         if hidden_states.ndim != 3:
             raise ValueError(f"hidden_states must be [batch, seq_len, hidden], got {list(hidden_states.shape)}")
         batch_size, seq_len, _ = hidden_states.shape
+        for name, value in (("attention_mask", attention_mask), ("position_ids", position_ids)):
+            if value is not None and value.ndim == 2 and list(value.shape) != [batch_size, seq_len]:
+                raise ValueError(f"{name} has shape {list(value.shape)}, expected {[batch_size, seq_len]}")
         scores = self.score_head(hidden_states).astype("float32")  # [B, L, D]
 
         if attention_mask is not None and attention_mask.ndim == 2:
@@ -472,22 +478,32 @@ class ScoreModelMixin:
 
     @classmethod
     def _load_pretrained_model(cls, *args, **kwargs):
-        """paddlenlp's loader plus one summary line saying what happened to the heads."""
+        """paddlenlp's loader, plus: score-head parameters missing from the checkpoint are really
+        initialised (``low_cpu_mem_usage=True`` builds lazily and skips ``_init_weights``), and one line
+        summarises what happened to the heads."""
         model, missing_keys, unexpected_keys, mismatched_keys = super()._load_pretrained_model(*args, **kwargs)
         source = kwargs.get("pretrained_model_name_or_path", "the checkpoint")
-        head_keys = sorted(k for k in model.state_dict() if k.startswith("score_head."))
-        fresh_head = sorted(k for k in missing_keys if k.startswith("score_head."))
-        fresh_stats = sorted(k for k in missing_keys if k.startswith("normalizer."))
-        ignored = sorted(unexpected_keys)
+        head_params = dict(model.score_head.named_parameters(prefix="score_head"))
+        fresh_head = sorted(k for k in missing_keys if k in head_params)
+        for name in fresh_head:
+            if not head_params[name]._is_initialized():
+                head_params[name].initialize()  # the ParamAttr initializer: bias 0
+                if name == "score_head.weight":
+                    with paddle.no_grad():
+                        model._init_weights(model.score_head)
+
         parts = []
-        if fresh_head:
+        if "score_head.weight" in fresh_head:
             parts.append(f"created a fresh, newly initialised score head ({', '.join(fresh_head)})")
-        elif head_keys:
-            parts.append(f"loaded the score head ({', '.join(head_keys)})")
-        if fresh_stats:
+        else:
+            loaded = sorted(set(head_params) - set(fresh_head))
+            parts.append(f"loaded the score head ({', '.join(loaded)})")
+            if fresh_head:
+                parts.append(f"{', '.join(fresh_head)} not in the checkpoint: newly initialised (bias 0)")
+        if any(k.startswith("normalizer.") for k in missing_keys):
             parts.append("normalizer statistics not in the checkpoint (start: mean 0, var 1, count 0)")
-        if ignored:
-            parts.append(f"ignored checkpoint weights a score model does not use: {ignored}")
+        if unexpected_keys:
+            parts.append(f"ignored checkpoint weights a score model does not use: {sorted(unexpected_keys)}")
         logger.info(f"{cls.__name__} from {source}: " + "; ".join(parts))
         return model, missing_keys, unexpected_keys, mismatched_keys
 
@@ -578,7 +594,8 @@ def reward_token_loss(
         )
     if list(higher_rewards.shape) != list(higher_input_ids.shape):
         raise ValueError(
-            f"rewards {list(higher_rewards.shape)} and input ids {list(higher_input_ids.shape)} must have the same shape"
+            f"rewards {list(higher_rewards.shape)} and input ids {list(higher_input_ids.shape)} "
+            "must have the same shape"
         )
     regularization = _check_regularization(regularization)
     span = divergence_span_mask(higher_input_ids, lower_input_ids, higher_attention_mask, lower_attention_mask)

@@ -64,7 +64,7 @@ def _all_reduce_sum(tensor: paddle.Tensor, group) -> paddle.Tensor:
 def _gather_last_dim(tensor: paddle.Tensor, group) -> paddle.Tensor:
     """``[..., d]`` on each of n ranks -> ``[..., n*d]``, ordered by rank in ``group``."""
     parts: list = []
-    dist.all_gather(parts, tensor.contiguous() if hasattr(tensor, "contiguous") else tensor, group=group)
+    dist.all_gather(parts, tensor.contiguous(), group=group)
     return paddle.concat(parts, axis=-1)
 
 

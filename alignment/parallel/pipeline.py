@@ -104,7 +104,7 @@ def _send_with_meta(tensor: paddle.Tensor, dst: int, group) -> None:
     header = [tensor.ndim, _DTYPES.index(_dtype_name(tensor))] + list(tensor.shape)
     header += [0] * (2 + _MAX_NDIM - len(header))
     dist.send(paddle.to_tensor(header, dtype="int64"), dst=dst, group=group)
-    dist.send(tensor.contiguous() if hasattr(tensor, "contiguous") else tensor, dst=dst, group=group)
+    dist.send(tensor.contiguous(), dst=dst, group=group)
 
 
 def _recv_with_meta(src: int, group) -> paddle.Tensor:
@@ -155,8 +155,10 @@ class PipelineStage(nn.Layer):
     Args:
         model: full model (possibly tensor-parallel).
         stage_id, num_stages: position of this stage.
-        head_name: attribute of ``model`` used as head on the last stage (``"lm_head"``; a value model's
-            score head name for critics). Called as ``head(hidden_states)``.
+        head_name: sub-layer of ``model`` used as head on the last stage (``"lm_head"``; ``"score_head"`` for
+            reward/value models). Called as ``head(hidden_states)``. The last stage also adopts every other
+            top-level sub-layer of ``model`` (criterion, score normalizer, …) so the stages' state dicts
+            together cover the full model.
         layer_ranges: optional explicit ``[(start, end), ...]`` per stage (default ``partition_layers``).
 
     ``forward(batch)`` takes the micro-batch dict (``input_ids`` used on stage 0; ``attention_mask``
@@ -204,9 +206,12 @@ class PipelineStage(nn.Layer):
         body.layers = nn.LayerDict({str(i): base.layers[i] for i in range(start, end)})
         if self.is_last:
             body.norm = base.norm
-            if not hasattr(model, head_name):
-                raise ValueError(f"head_name: model {type(model).__name__} has no attribute {head_name!r}")
-            setattr(self, head_name, getattr(model, head_name))
+            if not isinstance(getattr(model, head_name, None), nn.Layer):
+                raise ValueError(f"head_name: model {type(model).__name__} has no sub-layer {head_name!r}")
+            # every top-level sub-layer besides the backbone (head, criterion, a score normalizer, ...)
+            for name, child in model.named_children():
+                if name != prefix:
+                    setattr(self, name, child)
         setattr(self, prefix, body)
 
     @property
@@ -291,7 +296,7 @@ class PipelineEngine:
             received, output = self._forward_micro(micro_batch)
             if self.stage.is_last:
                 loss = self.loss_fn(output, micro_batch)
-                if loss.size != 1:
+                if int(paddle.numel(loss)) != 1:
                     raise ValueError(f"loss_fn must return a scalar, got shape {list(loss.shape)}")
                 losses.append(loss.detach().astype("float32").reshape([]))
                 output = loss / num_micro_batches

@@ -1,0 +1,100 @@
+"""Policy evaluation: generate for held-out prompts, score with the reward model, keep the texts."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import numpy as np
+import paddle
+import paddle.distributed as dist
+
+from alignment.data.base import PROMPT_ASSISTANT, PROMPT_BEGIN, PROMPT_USER
+from alignment.ppo.trainer_utils import all_reduce_sum
+from alignment.utils.metrics import is_main_process
+
+__all__ = ["evaluate_policy", "split_prompt_response", "format_table"]
+
+logger = logging.getLogger(__name__)
+
+_USER_PREFIX = PROMPT_BEGIN + PROMPT_USER.split("{input}")[0]
+_USER_SUFFIX = PROMPT_USER.split("{input}")[1] + PROMPT_ASSISTANT
+
+
+def split_prompt_response(prompt_text: str, full_text: str) -> tuple[str, str]:
+    """``(user input, response)`` from the decoded prompt and prompt+response texts."""
+    user = prompt_text
+    if user.startswith(_USER_PREFIX) and user.endswith(_USER_SUFFIX):
+        user = user[len(_USER_PREFIX) : len(user) - len(_USER_SUFFIX)]
+    response = full_text[len(prompt_text) :] if full_text.startswith(prompt_text) else full_text
+    return user, response.strip()
+
+
+def format_table(rows: list[dict[str, Any]], columns: tuple[str, ...] = ("prompt", "response", "reward"), width: int = 48) -> str:
+    """A plain-text table (no rich dependency), cells cut to ``width`` characters."""
+
+    def cell(value: Any) -> str:
+        text = f"{value:.3f}" if isinstance(value, float) else str(value)
+        text = text.replace("\n", " ")
+        return text if len(text) <= width else text[: width - 1] + "…"
+
+    widths = [max(len(c), *(len(cell(r.get(c, ""))) for r in rows)) if rows else len(c) for c in columns]
+    line = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
+    out = [line, "| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |", line]
+    for row in rows:
+        out.append("| " + " | ".join(cell(row.get(c, "")).ljust(w) for c, w in zip(columns, widths)) + " |")
+    out.append(line)
+    return "\n".join(out)
+
+
+@paddle.no_grad()
+def evaluate_policy(trainer: Any, dataset: Any, step: int, num_table_rows: int = 5) -> dict[str, float]:
+    """Evaluate ``trainer``'s actor on every prompt of ``dataset`` (sharded across ranks).
+
+    Writes ``output_dir/eval_generations/step-<step>-rank<r>.jsonl`` (prompt, response, reward,
+    length) and returns ``eval/reward``, ``eval/reward_std``, ``eval/mean_generated_length``.
+    """
+    args = trainer.args
+    rank, world = trainer.dp_rank, trainer.dp_world
+    indices = list(range(rank, len(dataset), world))
+    collator = dataset.get_collator()
+    batch_size = args.per_device_eval_batch_size
+    rows: list[dict[str, Any]] = []
+    for begin in range(0, len(indices), batch_size):
+        batch = collator([dataset[i] for i in indices[begin : begin + batch_size]])
+        sequences = trainer.generate(batch["input_ids"], batch["attention_mask"], do_sample=args.eval_do_sample, num_return_sequences=1)
+        attention_mask = trainer.sequence_attention_mask(batch["attention_mask"], sequences, repeats=1)
+        rewards = trainer.reward_score(sequences, attention_mask).numpy()
+        prompt_width = batch["input_ids"].shape[1]
+        lengths = attention_mask[:, prompt_width:].astype("int64").sum(axis=-1).numpy()
+        for row in range(sequences.shape[0]):
+            mask = attention_mask[row].numpy().astype(bool)
+            ids = sequences[row].numpy()
+            prompt_ids = ids[:prompt_width][mask[:prompt_width]]
+            full_ids = ids[mask]
+            prompt_text = trainer.tokenizer.decode(prompt_ids.tolist(), skip_special_tokens=True)
+            full_text = trainer.tokenizer.decode(full_ids.tolist(), skip_special_tokens=True)
+            user, response = split_prompt_response(prompt_text, full_text)
+            rows.append({"prompt": user, "response": response, "reward": float(rewards[row]), "length": int(lengths[row])})
+
+    directory = os.path.join(args.output_dir, "eval_generations")
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, f"step-{step}-rank{dist.get_rank()}.jsonl"), "w", encoding="utf-8") as file:
+        for row in rows:
+            file.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    rewards = np.asarray([r["reward"] for r in rows], dtype=np.float64)
+    count, total, squares, length_total = all_reduce_sum(
+        [len(rows), rewards.sum(), np.square(rewards).sum(), float(sum(r["length"] for r in rows))]
+    )
+    mean = total / max(count, 1)
+    variance = max(squares / max(count, 1) - mean**2, 0.0)
+    if is_main_process() and rows:
+        logger.info("evaluation at step %d (%d prompts):\n%s", step, int(count), format_table(rows[:num_table_rows]))
+    return {
+        "eval/reward": mean,
+        "eval/reward_std": float(np.sqrt(variance)),
+        "eval/mean_generated_length": length_total / max(count, 1),
+    }

@@ -1,0 +1,328 @@
+"""Rollout generation for PPO: one entry point, ``generate_rollout``, over three backends.
+
+* ``"plain"``: paddlenlp's dygraph ``model.generate`` (reference semantics, any model).
+* ``"fast"``:  the CPU KV-cache decoder ``LlamaKVDecoder`` (Llama only) with the sampling below, which
+  reproduces paddlenlp's ``greedy_search`` / ``sample`` token selection exactly (same logits processors
+  in the same order, same ``paddle.multinomial``).
+* ``"fused"``: paddlenlp's fused inference model on GPU (needs ``paddlenlp_ops``), fed the current
+  training weights each rollout (``FusedInferenceModel``). Without ``paddlenlp_ops`` it logs one line
+  and falls back to ``"fast"`` (or ``"plain"``).
+* ``"auto"``: fused if it can run, else fast if the model is supported, else plain.
+
+Sampling semantics (paddlenlp 2.8.1 ``GenerationMixin.sample``), per step on the last-position logits:
+``repetition_penalty`` on every token id present in the whole context (left-padded prompt *including*
+its pad ids, plus everything generated, including pads after EOS): ``l < 0 -> l * p`` else ``l / p``;
+then ``/ temperature``; ``softmax``; top-k (keep probs ``>=`` the k-th largest); top-p (sort descending,
+drop a token when the cumulative probability *before* it already exceeds ``top_p``; the first is always
+kept); ``paddle.multinomial`` on the unnormalised kept probabilities. Greedy (``do_sample=False`` or
+``temperature == 0``) is ``argmax`` after the repetition penalty only. A row that emitted EOS gets
+``pad_token_id`` afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import paddle
+import paddle.nn.functional as F
+
+from alignment.models.infer_model_utils import (
+    FusedInferenceModel,
+    LlamaKVDecoder,
+    check_fused_weight_mapping,
+    fused_runtime_missing,
+    fused_sampling_unsupported_reason,
+    llama_decoder_unsupported_reason,
+)
+from alignment.models.ppo_model_utils import make_position_ids, make_response_mask
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "plain", "fast", "fused")
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """Log a fallback once per process (rollouts repeat every PPO step)."""
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning(message)
+
+
+# eos id handed to paddlenlp when generation must not stop early: no token equals it.
+_NEVER_EOS = -1
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Token-selection settings of one rollout (validated; ``greedy`` resolved)."""
+
+    greedy: bool
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+
+    @classmethod
+    def create(cls, do_sample, temperature, top_p, top_k, repetition_penalty) -> "SamplingParams":
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}.")
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
+        if not isinstance(top_k, int) or top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}.")
+        if repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}.")
+        greedy = (not do_sample) or temperature == 0
+        return cls(greedy, float(temperature), float(top_p), int(top_k), float(repetition_penalty))
+
+
+# --------------------------------------------------------------------------------------------------
+# Token selection (pure functions on [B, V] logits)
+# --------------------------------------------------------------------------------------------------
+
+
+def token_presence(token_ids: paddle.Tensor, vocab_size: int) -> paddle.Tensor:
+    """``[B, V]`` float32, 1.0 where the token id occurs anywhere in row ``b`` of ``token_ids [B, L]``."""
+    presence = paddle.zeros([token_ids.shape[0], vocab_size], dtype="float32")
+    if token_ids.shape[1] > 0:
+        presence.put_along_axis_(token_ids.astype("int64"), 1.0, axis=1)
+    return presence
+
+
+def apply_repetition_penalty(logits: paddle.Tensor, presence: paddle.Tensor, penalty: float) -> paddle.Tensor:
+    """paddlenlp's ``RepetitionPenaltyLogitsProcessor``: seen tokens get ``l * p`` if ``l < 0`` else ``l / p``.
+
+    Args: logits ``[B, V]`` float32; presence ``[B, V]`` (1.0 = token in context, see ``token_presence``).
+    """
+    penalized = paddle.where(logits < 0, logits * penalty, logits / penalty)
+    return paddle.where(presence > 0, penalized, logits)
+
+
+def top_k_filter(probs: paddle.Tensor, top_k: int) -> paddle.Tensor:
+    """Zero every prob below the k-th largest of its row (ties at the k-th value are kept). ``[B, V]``."""
+    k = min(max(top_k, 1), probs.shape[-1])
+    kth = paddle.topk(probs, k=k)[0][:, -1:]
+    return paddle.where(probs >= kth.expand(probs.shape), probs, paddle.zeros_like(probs))
+
+
+def top_p_filter(probs: paddle.Tensor, top_p: float) -> paddle.Tensor:
+    """Nucleus filter: in descending order, drop a token when the cumulative prob before it exceeds ``top_p``.
+
+    Exactly paddlenlp's ``TopPProcess`` with ``min_tokens_to_keep=1`` (same argsort tie order, the
+    cumulative sum including the token, shifted right by one). ``[B, V]`` -> ``[B, V]``, unnormalised.
+    """
+    order = paddle.argsort(probs, axis=-1, descending=True)
+    cumulative = paddle.cumsum(paddle.take_along_axis(probs, order, axis=-1), axis=-1)
+    exceeded = (cumulative > top_p).astype("float32")
+    drop_sorted = paddle.concat([paddle.zeros_like(exceeded[:, :1]), exceeded[:, :-1]], axis=-1)
+    drop = paddle.zeros_like(probs).put_along_axis(order, drop_sorted, axis=-1)
+    return paddle.where(drop > 0, paddle.zeros_like(probs), probs)
+
+
+def next_token_probs(logits: paddle.Tensor, presence: paddle.Tensor | None, params: SamplingParams) -> paddle.Tensor:
+    """Unnormalised sampling distribution ``[B, V]`` for one step (what paddlenlp hands to multinomial).
+
+    Args:
+        logits: ``[B, V]`` float32 next-token logits.
+        presence: ``[B, V]`` context indicator for the repetition penalty (None when the penalty is 1).
+    """
+    if params.repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, presence, params.repetition_penalty)
+    if params.temperature != 1.0:
+        logits = logits / params.temperature
+    probs = F.softmax(logits, axis=-1)
+    if params.top_k != 0:
+        probs = top_k_filter(probs, params.top_k)
+    if params.top_p < 1.0:
+        probs = top_p_filter(probs, params.top_p)
+    return probs
+
+
+def select_next_tokens(logits: paddle.Tensor, presence: paddle.Tensor | None, params: SamplingParams) -> paddle.Tensor:
+    """Next token ids ``[B]`` int64: argmax (greedy) or a multinomial draw from ``next_token_probs``."""
+    if params.greedy:
+        if params.repetition_penalty != 1.0:
+            logits = apply_repetition_penalty(logits, presence, params.repetition_penalty)
+        return paddle.argmax(logits, axis=-1)
+    return paddle.multinomial(next_token_probs(logits, presence, params)).squeeze(-1)
+
+
+def pad_after_eos(generated: paddle.Tensor, eos_token_id: int, pad_token_id: int) -> paddle.Tensor:
+    """``[B, N]`` generated ids with every token after the first EOS replaced by ``pad_token_id``."""
+    keep = make_response_mask(generated, eos_token_id)
+    return paddle.where(keep, generated, paddle.full_like(generated, pad_token_id))
+
+
+def trim_finished_columns(generated: paddle.Tensor, eos_token_id: int) -> paddle.Tensor:
+    """Drop trailing columns in which every row had already ended (at or after its first EOS).
+
+    ``[B, N]`` -> ``[B, N']`` with ``N' = max_b (index of first EOS + 1)``, or ``N`` if a row has no EOS.
+    """
+    lengths = make_response_mask(generated, eos_token_id).astype("int64").sum(axis=1)
+    return generated[:, : max(int(lengths.max()), 1)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Backends: each returns the generated ids only, [B, N], N <= max_new_tokens
+# --------------------------------------------------------------------------------------------------
+
+
+def _generate_plain(model, input_ids, attention_mask, max_new_tokens, params, eos_token_id, pad_token_id, stop_at_eos):
+    """paddlenlp ``model.generate`` with a bool mask and ``position_ids = cumsum(mask) - 1`` (clipped)."""
+    sampling = {} if params.greedy else {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k}
+    generated, _ = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask.astype("bool"),
+        position_ids=make_position_ids(attention_mask),
+        max_new_tokens=max_new_tokens,
+        decode_strategy="greedy_search" if params.greedy else "sampling",
+        repetition_penalty=params.repetition_penalty,
+        eos_token_id=eos_token_id if stop_at_eos else _NEVER_EOS,
+        pad_token_id=pad_token_id,
+        use_cache=True,
+        **sampling,
+    )
+    return pad_after_eos(generated, eos_token_id, pad_token_id)
+
+
+def _generate_fast(
+    model, input_ids, attention_mask, max_new_tokens, params, eos_token_id, pad_token_id, stop_at_eos, check_every=4
+):
+    """Token loop over ``LlamaKVDecoder``; checks "all rows ended" on the host every ``check_every`` steps."""
+    decoder = LlamaKVDecoder(model, input_ids, attention_mask, max_new_tokens)
+    logits = decoder.prefill()
+    presence = None
+    if params.repetition_penalty != 1.0:
+        presence = token_presence(input_ids, logits.shape[-1])
+    unfinished = paddle.ones([input_ids.shape[0]], dtype="bool")
+    pad = paddle.full([input_ids.shape[0]], pad_token_id, dtype="int64")
+    tokens = []
+    for step in range(max_new_tokens):
+        next_tokens = paddle.where(unfinished, select_next_tokens(logits, presence, params), pad)
+        tokens.append(next_tokens)
+        unfinished = unfinished & (next_tokens != eos_token_id)
+        if step == max_new_tokens - 1:
+            break
+        if stop_at_eos and (step + 1) % check_every == 0 and not bool(unfinished.any()):
+            break
+        if presence is not None:
+            presence.put_along_axis_(next_tokens.unsqueeze(-1), 1.0, axis=1)
+        logits = decoder.step(next_tokens)
+    generated = paddle.stack(tokens, axis=1)
+    return trim_finished_columns(generated, eos_token_id) if stop_at_eos else generated
+
+
+def _generate_fused(model, input_ids, attention_mask, max_new_tokens, params, eos_token_id, pad_token_id, stop_at_eos):
+    runner = FusedInferenceModel.for_model(model)
+    generated = runner.generate(
+        input_ids, attention_mask, max_new_tokens, params, eos_token_id, pad_token_id, stop_at_eos=stop_at_eos
+    )
+    generated = pad_after_eos(generated, eos_token_id, pad_token_id)
+    return trim_finished_columns(generated, eos_token_id) if stop_at_eos else generated
+
+
+_BACKEND_FUNCTIONS = {"plain": _generate_plain, "fast": _generate_fast, "fused": _generate_fused}
+
+
+def resolve_backend(model, backend: str, params: SamplingParams) -> str:
+    """The backend that will actually run (``"plain"``, ``"fast"`` or ``"fused"``) for ``backend``.
+
+    ``"fused"`` without its runtime (GPU, ``paddlenlp_ops``) or with sampling it cannot reproduce, and
+    ``"fast"`` for an unsupported model, fall back with one warning line. ``"fused"`` with a runtime but a
+    model the fused weight mapping cannot express (GQA) raises ``ValueError``; ``"auto"`` then picks fast.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
+    if backend == "plain":
+        return "plain"
+    fast_reason = llama_decoder_unsupported_reason(model)
+    fallback = "fast" if fast_reason is None else "plain"
+    if backend in ("auto", "fused"):
+        fused_reason = fused_runtime_missing()
+        if fused_reason is None:
+            try:
+                check_fused_weight_mapping(model)
+            except ValueError as error:
+                if backend == "fused":
+                    raise ValueError(f"backend='fused' cannot run this model: {error}. Use backend='fast'.") from None
+                fused_reason = str(error)
+        if fused_reason is None:
+            fused_reason = fused_sampling_unsupported_reason(params)
+        if fused_reason is None:
+            return "fused"
+        if backend == "fused":
+            _warn_once(f"Fused rollout unavailable ({fused_reason}); falling back to the {fallback} backend.")
+            return fallback
+    if backend == "fast" and fast_reason is not None:
+        _warn_once(f"Fast rollout unavailable ({fast_reason}); falling back to the plain backend.")
+    return fallback
+
+
+def generate_rollout(
+    model,
+    input_ids: paddle.Tensor,
+    attention_mask: paddle.Tensor,
+    *,
+    max_new_tokens: int,
+    do_sample: bool = True,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    repetition_penalty: float = 1.0,
+    num_return_sequences: int = 1,
+    eos_token_id: int,
+    pad_token_id: int,
+    backend: str = "auto",
+    stop_at_eos: bool = True,
+) -> paddle.Tensor:
+    """Sample responses for a left-padded prompt batch; returns prompt + response ids.
+
+    Args:
+        model: a paddlenlp causal LM (``LlamaForCausalLM`` for the fast/fused backends).
+        input_ids: ``[B, S]`` int64 prompts, left-padded.
+        attention_mask: ``[B, S]`` (bool or 0/1), 1 for real prompt tokens.
+        max_new_tokens: response length limit N (>= 1).
+        do_sample / temperature / top_p / top_k / repetition_penalty: paddlenlp semantics (module doc);
+            greedy when ``do_sample`` is False or ``temperature == 0``.
+        num_return_sequences: n responses per prompt.
+        eos_token_id / pad_token_id: a row ends at its first EOS and is right-padded with pad after it.
+        backend: ``"auto" | "plain" | "fast" | "fused"`` (module doc).
+        stop_at_eos: True: stop as soon as every row has ended (``N' <= N`` columns). False: always
+            run exactly ``max_new_tokens`` steps (benchmarks); rows are still padded after their EOS.
+
+    Returns:
+        ``[B * n, S + N']`` int64: prompt ``b`` repeated n times (rows ``b*n .. b*n + n - 1``),
+        followed by its responses.
+    """
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, seq_len], got shape {list(input_ids.shape)}.")
+    if list(attention_mask.shape) != list(input_ids.shape):
+        raise ValueError(
+            f"attention_mask shape {list(attention_mask.shape)} must equal input_ids shape {list(input_ids.shape)}."
+        )
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}.")
+    if not isinstance(num_return_sequences, int) or num_return_sequences < 1:
+        raise ValueError(f"num_return_sequences must be an int >= 1, got {num_return_sequences!r}.")
+    params = SamplingParams.create(do_sample, temperature, top_p, top_k, repetition_penalty)
+    chosen = resolve_backend(model, backend, params)
+
+    input_ids = input_ids.astype("int64")
+    attention_mask = attention_mask.astype("int64")
+    if num_return_sequences > 1:
+        input_ids = paddle.repeat_interleave(input_ids, num_return_sequences, axis=0)
+        attention_mask = paddle.repeat_interleave(attention_mask, num_return_sequences, axis=0)
+
+    was_training = model.training
+    model.eval()
+    try:
+        with paddle.no_grad():
+            generated = _BACKEND_FUNCTIONS[chosen](
+                model, input_ids, attention_mask, max_new_tokens, params, eos_token_id, pad_token_id, stop_at_eos
+            )
+    finally:
+        if was_training:
+            model.train()
+    return paddle.concat([input_ids, generated.astype("int64")], axis=1)

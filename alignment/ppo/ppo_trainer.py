@@ -1,0 +1,211 @@
+"""PPO on top of :class:`RLTrainer`: experience with KL-shaped rewards and GAE, clipped losses.
+
+Data flow of one rollout (shapes for B rows, prompt width S, total width L, T = L - 1)::
+
+    sequences [B, L], attention_mask [B, L]        (prompt mask + response up to first EOS)
+    log_probs, ref_log_probs [B, T]                 (token t+1 under actor / reference)
+    reward [B]                                      (reward model end score)
+    values [B, T]                                   (critic value of the prefix ending at t)
+    sequence_mask [B, T]                            (response tokens only: t >= start = S - 1)
+    rewards [B, T]  = add_kl_divergence_regularization(...)
+    advantages, returns [B, T - start] = get_advantages_and_returns(...)
+
+Then for every micro-batch: critic loss first, actor loss second (PaddleNLP's order). The math is
+in :mod:`alignment.models.ppo_model_utils`; this class only orchestrates.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import paddle
+
+from alignment.data.tokenizer import batch_retokenize, is_same_tokenizer
+from alignment.models.ppo_model_utils import (
+    actor_loss_fn,
+    add_kl_divergence_regularization,
+    critic_loss_fn,
+    gather_log_probabilities,
+    get_advantages_and_returns,
+    kl_divergence_per_sequence,
+    make_position_ids,
+    make_sequence_mask,
+    masked_mean,
+)
+from alignment.ppo.rl_trainer import RLTrainer, RolloutSettings
+from alignment.ppo.trainer_utils import StepTrainer
+
+__all__ = ["PPOTrainer"]
+
+
+class PPOTrainer(RLTrainer):
+    """PPO with an actor, a frozen reference, a critic and a frozen reward model.
+
+    Args (besides :class:`RLTrainer`'s):
+        reference_model: frozen copy of the SFT policy (KL anchor).
+        reward_model: frozen score model (``end_scores`` = reward).
+        reward_tokenizer: the reward model's tokenizer; when it differs from the actor's, rollouts
+            are decoded and re-encoded for it (with its own mask).
+    """
+
+    def __init__(
+        self,
+        args: Any,
+        actor_trainer: StepTrainer,
+        critic_trainer: StepTrainer,
+        reference_model: paddle.nn.Layer,
+        reward_model: paddle.nn.Layer,
+        tokenizer: Any,
+        reward_tokenizer: Any,
+        train_dataset: Any,
+        rollout: RolloutSettings,
+        eval_dataset: Any = None,
+        ptx_dataset: Any = None,
+        generate_fn: Any = None,
+    ) -> None:
+        super().__init__(args, actor_trainer, critic_trainer, tokenizer, train_dataset, rollout, eval_dataset, ptx_dataset, generate_fn)
+        self.reference_model = reference_model
+        self.reward_model = reward_model
+        self.reward_tokenizer = reward_tokenizer
+        self.same_reward_tokenizer = is_same_tokenizer(tokenizer, reward_tokenizer)
+        for model in (reference_model, reward_model):
+            model.eval()
+            for parameter in model.parameters():
+                parameter.stop_gradient = True
+        self.offload.offload_now("freeze_model", reference_model, reward_model)
+
+    # ------------------------------------------------------------------------------- experience
+    def forward_chunks(self, fn, rows: int):
+        """Run ``fn(begin, end)`` over row chunks of ``per_device_experience_batch_size``; concat."""
+        size = self.args.per_device_experience_batch_size or rows
+        outputs = [fn(begin, min(begin + size, rows)) for begin in range(0, rows, size)]
+        return outputs[0] if len(outputs) == 1 else paddle.concat(outputs, axis=0)
+
+    def log_probs_of(self, model: paddle.nn.Layer, input_ids, attention_mask, position_ids, start: int = 0) -> paddle.Tensor:
+        """``[B, T - start]`` log-prob of tokens ``start+1 ..`` under ``model`` (no grad)."""
+
+        def run(begin: int, end: int) -> paddle.Tensor:
+            logits = model(
+                input_ids[begin:end],
+                attention_mask=attention_mask[begin:end],
+                position_ids=position_ids[begin:end],
+                use_cache=False,
+                return_dict=True,
+            ).logits
+            return gather_log_probabilities(logits[:, start:-1], input_ids[begin:end, start + 1 :])
+
+        return self.forward_chunks(run, input_ids.shape[0])
+
+    def reward_score(self, input_ids: paddle.Tensor, attention_mask: paddle.Tensor) -> paddle.Tensor:
+        """``[B]`` reward-model score of each sequence (re-tokenized if the RM's tokenizer differs)."""
+        if not self.same_reward_tokenizer:
+            input_ids, attention_mask = batch_retokenize(input_ids, attention_mask, self.tokenizer, self.reward_tokenizer)
+        position_ids = make_position_ids(attention_mask)
+
+        def run(begin: int, end: int) -> paddle.Tensor:
+            output = self.reward_model(
+                input_ids[begin:end],
+                attention_mask=attention_mask[begin:end],
+                position_ids=position_ids[begin:end],
+                return_dict=True,
+            )
+            return output.end_scores[:, 0].astype("float32")
+
+        with self.offload.use("freeze_model", self.reward_model):
+            return self.forward_chunks(run, input_ids.shape[0])
+
+    def values_of(self, model: paddle.nn.Layer, input_ids, attention_mask, position_ids, start: int = 0) -> paddle.Tensor:
+        """``[B, T - start]`` critic values ``V(prefix ending at t)`` for ``t = start .. T-1``."""
+
+        def run(begin: int, end: int) -> paddle.Tensor:
+            scores = model(
+                input_ids[begin:end],
+                attention_mask=attention_mask[begin:end],
+                position_ids=position_ids[begin:end],
+                return_dict=True,
+            ).scores
+            return scores[:, start:-1, 0].astype("float32")
+
+        return self.forward_chunks(run, input_ids.shape[0])
+
+    @paddle.no_grad()
+    def make_experience(self, prompt_input_ids: paddle.Tensor, sequences: paddle.Tensor, attention_mask: paddle.Tensor) -> dict[str, Any]:
+        args = self.args
+        start = prompt_input_ids.shape[1] - 1  # log_probs[:, start] is the first generated token
+        position_ids = make_position_ids(attention_mask)
+        log_probs = self.log_probs_of(self.actor_trainer.model, sequences, attention_mask, position_ids)
+        with self.offload.use("freeze_model", self.reference_model):
+            ref_log_probs = self.log_probs_of(self.reference_model, sequences, attention_mask, position_ids)
+        reward = self.reward_score(sequences, attention_mask)
+        values = self.values_of(self.critic_trainer.model, sequences, attention_mask, position_ids)
+
+        sequence_mask = make_sequence_mask(attention_mask, start)
+        rewards = add_kl_divergence_regularization(
+            reward, log_probs, ref_log_probs, sequence_mask, args.kl_coeff, args.clip_range_score, args.clip_mode
+        )
+        advantages, returns = get_advantages_and_returns(
+            values, rewards, sequence_mask, start, gamma=args.gamma, gae_lambda=args.gae_lambda
+        )
+        response_mask = sequence_mask[:, start:]
+        kl = kl_divergence_per_sequence(log_probs, ref_log_probs, sequence_mask)
+        lengths = response_mask.astype("float32").sum(axis=-1)
+        metrics = {
+            "train/reward": float(reward.mean().item()),
+            "train/kl_divergence": float(kl.mean().item()),
+            "train/reward_with_kl_penalty": float((rewards * sequence_mask.astype("float32")).sum(axis=-1).mean().item()),
+            "train/reward_advantage": float(masked_mean(advantages, response_mask).item()),
+            "train/reward_return": float(masked_mean(returns, response_mask).item()),
+            "train/reward_value": float(masked_mean(values[:, start:], response_mask).item()),
+            "train/mean_generated_length": float(lengths.mean().item()),
+            "train/max_generated_length": float(lengths.max().item()),
+        }
+        return {
+            "input_ids": sequences,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+            "old_log_probs": log_probs[:, start:],
+            "old_values": values[:, start:],
+            "advantages": advantages,
+            "returns": returns,
+            "response_mask": response_mask,
+            "start": start,
+            "metrics": metrics,
+            "finite_check": {
+                "reward": metrics["train/reward"],
+                "kl_divergence": metrics["train/kl_divergence"],
+                "advantage": metrics["train/reward_advantage"],
+            },
+        }
+
+    # ---------------------------------------------------------------------------------- update
+    def loss_weight_basis(self, batch: dict[str, Any]) -> float:
+        mask = batch["response_mask"]
+        if self.args.loss_mean_type == "sequence":
+            return float(mask.any(axis=-1).astype("float32").sum().item())
+        return float(mask.astype("float32").sum().item())
+
+    def rl_step(self, batch: dict[str, Any], loss_weight: float, accumulating: bool, actor_accumulating: bool) -> dict[str, float]:
+        args = self.args
+        start = batch["start"]
+        inputs = dict(
+            attention_mask=batch["attention_mask"], position_ids=batch["position_ids"], return_dict=True
+        )
+        critic = self.critic_trainer
+        with critic.no_sync(accumulating), critic.autocast():
+            scores = critic.model_wrapped(batch["input_ids"], **inputs).scores
+            critic_loss = critic_loss_fn(
+                scores[:, start:-1, 0], batch["old_values"], batch["returns"], batch["response_mask"],
+                args.clip_range_value, args.loss_mean_type,
+            )  # fmt: skip
+            critic.backward(critic_loss * loss_weight)
+
+        actor = self.actor_trainer
+        with actor.no_sync(actor_accumulating), actor.autocast():
+            logits = actor.model_wrapped(batch["input_ids"], use_cache=False, **inputs).logits
+            log_probs = gather_log_probabilities(logits[:, start:-1], batch["input_ids"][:, start + 1 :])
+            actor_loss = actor_loss_fn(
+                log_probs, batch["old_log_probs"], batch["advantages"], batch["response_mask"],
+                args.clip_range_ratio, args.loss_mean_type,
+            )  # fmt: skip
+            actor.backward(actor_loss * loss_weight)
+        return {"train/actor_loss": float(actor_loss.item()), "train/reward_critic_loss": float(critic_loss.item())}

@@ -1,0 +1,595 @@
+"""The RL training loop shared by PPO and its future variants (PPO-Lag, GRPO, REINFORCE++).
+
+One iteration, for each prompt batch of ``per_device_prompt_batch_size`` prompts::
+
+    rollout     actor.generate -> sequences                          (timed: generation)
+    experience  make_experience(sequences) -> per-token tensors      (timed: experience)
+    update      update_iters x for each micro-batch: rl_step (+ ptx) (timed: update)
+    bookkeeping log every `logging_steps`, evaluate every `eval_steps`, save every `save_steps`
+
+A subclass implements :meth:`make_experience` and :meth:`rl_step`; everything else (data order,
+gradient accumulation, distributed reductions, numerical guards, evaluation, checkpoints and
+exact resume) lives here.
+
+``global_step`` counts optimizer updates of the actor (and critic), as ``max_steps`` does; one
+rollout makes ``update_iters * micro_batches / gradient_accumulation_steps`` of them.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import paddle
+import paddle.distributed as dist
+
+from alignment.data.base import IGNORE_INDEX
+from alignment.models.ppo_model_utils import make_response_mask, ptx_loss_fn
+from alignment.ppo.comm_utils import OffloadManager
+from alignment.ppo.trainer_utils import (
+    GlobalBatchSampler,
+    StepTrainer,
+    all_reduce_max,
+    all_reduce_mean,
+    all_reduce_sum,
+    any_across_ranks,
+    rollout_seed,
+    world_info,
+)
+from alignment.utils.checkpoint import (
+    CheckpointError,
+    load_json,
+    load_tensor_state,
+    publish_directory,
+    rotate_checkpoints,
+    save_json,
+    save_tensor_state,
+    verify_checkpoint,
+)
+from alignment.utils.metrics import MetricsLogger, is_main_process
+
+__all__ = ["RLTrainer", "TrainerState", "NonFiniteError", "RolloutSettings"]
+
+logger = logging.getLogger(__name__)
+
+TRAINER_STATE = "trainer_state.json"
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss, reward or KL became NaN/inf and ``on_nonfinite`` is ``"stop"``."""
+
+
+@dataclass
+class TrainerState:
+    """Counters that make a run resumable at rollout boundaries."""
+
+    global_step: int = 0  # optimizer updates done
+    rollouts: int = 0  # prompt batches consumed, all epochs together
+    epoch: int = 0
+    batch_in_epoch: int = 0  # next prompt batch of `epoch`
+    skipped_updates: int = 0
+    last_logged_step: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class RolloutSettings:
+    """Sampling settings of rollout generation (the seed's generation arguments)."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    num_return_sequences: int = 1
+    do_sample: bool = True
+    backend: str = "auto"
+
+
+class RLTrainer(abc.ABC):
+    """Base RL loop over an actor and a critic ``StepTrainer`` plus frozen models.
+
+    Args:
+        args: the PPO ``TrainingArguments`` (see ``alignment/ppo/run_ppo.py``).
+        actor_trainer, critic_trainer: step trainers of the policy and value models.
+        tokenizer: the actor's tokenizer (left padding); ``eos_token_id``/``pad_token_id`` used.
+        train_dataset: ``PromptOnlyDataset`` of rollout prompts.
+        eval_dataset: optional ``PromptOnlyDataset`` for evaluation.
+        ptx_dataset: optional ``SupervisedDataset`` for the ptx (pretraining-mix) loss.
+        rollout: generation settings.
+    """
+
+    def __init__(
+        self,
+        args: Any,
+        actor_trainer: StepTrainer,
+        critic_trainer: StepTrainer,
+        tokenizer: Any,
+        train_dataset: Any,
+        rollout: RolloutSettings,
+        eval_dataset: Any = None,
+        ptx_dataset: Any = None,
+        generate_fn: Callable[..., paddle.Tensor] | None = None,
+    ) -> None:
+        self.args = args
+        self.actor_trainer = actor_trainer
+        self.critic_trainer = critic_trainer
+        self.tokenizer = tokenizer
+        self.train_dataset = train_dataset
+        self.eval_dataset = eval_dataset
+        self.ptx_dataset = ptx_dataset
+        self.rollout_settings = rollout
+        self._generate_fn = generate_fn
+        self.state = TrainerState()
+        self.dp_rank, self.dp_world = world_info()
+        self.offload = OffloadManager(getattr(args, "offload_level", ""))
+
+        self.rows_per_rollout = args.per_device_prompt_batch_size * rollout.num_return_sequences
+        self.micro_batches_per_rollout = self.rows_per_rollout // args.per_device_train_batch_size
+        self.updates_per_rollout = args.update_iters * self.micro_batches_per_rollout // args.gradient_accumulation_steps
+        self.prompt_sampler = GlobalBatchSampler(
+            len(train_dataset), args.per_device_prompt_batch_size, self.dp_rank, self.dp_world, shuffle=True, seed=args.seed
+        )
+        if len(self.prompt_sampler) == 0:
+            raise ValueError(
+                f"train dataset has {len(train_dataset)} prompts, fewer than one global prompt batch "
+                f"({self.prompt_sampler.global_batch_size} = per_device_prompt_batch_size x data-parallel ranks)"
+            )
+        self.prompt_loader = paddle.io.DataLoader(
+            train_dataset, batch_sampler=self.prompt_sampler, collate_fn=train_dataset.get_collator(), num_workers=0
+        )
+        if ptx_dataset is not None:
+            self.ptx_sampler = GlobalBatchSampler(
+                len(ptx_dataset), self.rows_per_rollout, self.dp_rank, self.dp_world, shuffle=True, seed=args.seed + 1
+            )
+            if len(self.ptx_sampler) == 0:
+                raise ValueError(
+                    f"ptx dataset has {len(ptx_dataset)} examples, fewer than one global ptx batch "
+                    f"({self.ptx_sampler.global_batch_size})"
+                )
+            self.ptx_collator = ptx_dataset.get_collator(shift=True)
+
+        rollouts_per_epoch = len(self.prompt_sampler)
+        if args.max_steps > 0:
+            self.total_steps = args.max_steps
+            self.num_epochs = math.ceil(args.max_steps / (self.updates_per_rollout * rollouts_per_epoch))
+        else:
+            total_rollouts = int(rollouts_per_epoch * args.num_train_epochs)
+            self.total_steps = max(total_rollouts * self.updates_per_rollout, 1)
+            self.num_epochs = math.ceil(args.num_train_epochs)
+        self.actor_trainer.setup(self.total_steps)
+        self.critic_trainer.setup(self.total_steps)
+
+        logging_dir = args.logging_dir if "visualdl" in (args.report_to or []) else None
+        self.metrics_logger = MetricsLogger(args.output_dir, visualdl_dir=logging_dir)
+        self._pending: list[dict[str, float]] = []
+
+    # ------------------------------------------------------------------------------ subclass API
+    @abc.abstractmethod
+    def make_experience(self, prompt_input_ids: paddle.Tensor, sequences: paddle.Tensor, attention_mask: paddle.Tensor) -> dict[str, Any]:
+        """Per-token training targets of one rollout (no gradients). Returns a dict of tensors
+        with a leading batch axis (split into micro-batches by the loop) and python scalars."""
+
+    @abc.abstractmethod
+    def rl_step(self, batch: dict[str, Any], loss_weight: float, accumulating: bool, actor_accumulating: bool) -> dict[str, float]:
+        """Backward passes of one micro-batch (critic, then actor); returns float metrics.
+
+        ``loss_weight`` scales the micro-batch losses so that the accumulated, data-parallel
+        averaged gradient is the global mean (see :meth:`loss_weights`). ``accumulating`` (critic)
+        and ``actor_accumulating`` say whether this backward must skip the data-parallel
+        gradient all-reduce (see ``StepTrainer.no_sync``).
+        """
+
+    def loss_weight_basis(self, batch: dict[str, Any]) -> float:
+        """How many loss terms a micro-batch contributes to the global mean (tokens by default)."""
+        return float(batch["response_mask"].astype("float32").sum().item())
+
+    # --------------------------------------------------------------------------------- generation
+    def generate(
+        self,
+        input_ids: paddle.Tensor,
+        attention_mask: paddle.Tensor,
+        do_sample: bool | None = None,
+        num_return_sequences: int | None = None,
+    ) -> paddle.Tensor:
+        """Left-padded prompts ``[B, S]`` -> prompt + response ``[B * n, S + N]`` (pad after EOS)."""
+        settings = self.rollout_settings
+        do_sample = settings.do_sample if do_sample is None else do_sample
+        if num_return_sequences is None:
+            num_return_sequences = settings.num_return_sequences
+        generate = self._generate_fn
+        if generate is None:
+            from alignment.ppo.infer_utils import generate_rollout as generate
+        return generate(
+            self.actor_trainer.model,
+            input_ids,
+            attention_mask,
+            max_new_tokens=settings.max_new_tokens,
+            do_sample=do_sample,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            top_k=settings.top_k,
+            repetition_penalty=settings.repetition_penalty,
+            num_return_sequences=num_return_sequences,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+            backend=settings.backend,
+        )
+
+    def sequence_attention_mask(self, prompt_mask: paddle.Tensor, sequences: paddle.Tensor, repeats: int) -> paddle.Tensor:
+        """``[B*n, S+N]`` mask: the prompt's own mask, then response tokens up to the first EOS."""
+        prompt_width = prompt_mask.shape[1]
+        prompt_mask = paddle.repeat_interleave(prompt_mask.astype("int64"), repeats, axis=0).astype("bool")
+        response_mask = make_response_mask(sequences[:, prompt_width:], self.tokenizer.eos_token_id)
+        return paddle.concat([prompt_mask, response_mask], axis=1)
+
+    # ---------------------------------------------------------------------------------- training
+    def train(self, resume_from_checkpoint: str | None = None) -> TrainerState:
+        """Run until ``total_steps`` optimizer updates; returns the final state."""
+        if resume_from_checkpoint:
+            self.load_checkpoint(resume_from_checkpoint)
+        args = self.args
+        progress = _progress(self.total_steps, self.state.global_step, disable=args.disable_tqdm or not is_main_process())
+        logger.info(
+            "PPO: %d updates (%d per rollout of %d rows x %d update_iters, grad accumulation %d), %d epoch(s), "
+            "%d data-parallel rank(s)", self.total_steps, self.updates_per_rollout, self.rows_per_rollout,
+            args.update_iters, args.gradient_accumulation_steps, self.num_epochs, self.dp_world,
+        )  # fmt: skip
+        try:
+            while self.state.global_step < self.total_steps and self.state.epoch < self.num_epochs:
+                self.prompt_sampler.set_epoch(self.state.epoch, self.state.batch_in_epoch)
+                for prompt_batch in self.prompt_loader:
+                    if self.state.global_step >= self.total_steps:
+                        break
+                    before = self.state.global_step
+                    self.train_on_rollout(prompt_batch)
+                    self.state.rollouts += 1
+                    self.state.batch_in_epoch += 1
+                    progress.update(self.state.global_step - before)
+                    self.maybe_log_evaluate_save(before)
+                else:
+                    self.state.epoch += 1
+                    self.state.batch_in_epoch = 0
+                    continue
+                break
+        finally:
+            progress.close()
+        self.flush_logs(force=True)
+        return self.state
+
+    def train_on_rollout(self, prompt_batch: dict[str, paddle.Tensor]) -> None:
+        """Generate, build experience, and make ``updates_per_rollout`` optimizer updates."""
+        args = self.args
+        paddle.seed(rollout_seed(args.seed, self.state.global_step, dist.get_rank()))
+        self.set_train(False)
+        start = time.perf_counter()
+        with paddle.no_grad():
+            sequences = self.generate(prompt_batch["input_ids"], prompt_batch["attention_mask"])
+            generated = time.perf_counter()
+            repeats = sequences.shape[0] // prompt_batch["input_ids"].shape[0]
+            attention_mask = self.sequence_attention_mask(prompt_batch["attention_mask"], sequences, repeats)
+            experience = self.make_experience(prompt_batch["input_ids"], sequences, attention_mask)
+        experienced = time.perf_counter()
+
+        metrics: dict[str, float] = dict(experience.get("metrics", {}))
+        if self.check_finite(experience.get("finite_check", {}), what="rollout"):
+            micro_batches = self.split_micro_batches(experience)
+            ptx_batches = self.ptx_micro_batches(self.state.rollouts) if self.ptx_dataset is not None else None
+            self.set_train(True)
+            optimizers = (self.actor_trainer.optimizer, self.critic_trainer.optimizer)
+            with self.offload.use("optimizer", *optimizers):
+                metrics.update(self.update(micro_batches, ptx_batches))
+        else:
+            self.state.global_step += self.updates_per_rollout  # keep schedules aligned with the plan
+            self.state.skipped_updates += self.updates_per_rollout
+        updated = time.perf_counter()
+        metrics["train/generation_seconds"] = generated - start
+        metrics["train/experience_seconds"] = experienced - generated
+        metrics["train/update_seconds"] = updated - experienced
+        self._pending.append(metrics)
+
+    def split_micro_batches(self, experience: dict[str, Any]) -> list[dict[str, Any]]:
+        size = self.args.per_device_train_batch_size
+        rows = next(v.shape[0] for v in experience.values() if isinstance(v, paddle.Tensor))
+        batches = []
+        for begin in range(0, rows, size):
+            batches.append(
+                {k: (v[begin : begin + size] if isinstance(v, paddle.Tensor) and v.ndim > 0 and v.shape[0] == rows else v)
+                 for k, v in experience.items() if k not in ("metrics", "finite_check")}
+            )  # fmt: skip
+        return batches
+
+    def loss_weights(self, micro_batches: list[dict[str, Any]]) -> list[float]:
+        """Per-micro-batch loss multipliers giving the global mean over an accumulation window.
+
+        Each micro-batch loss is a mean over its own ``n_i`` terms (tokens). Weighting it by
+        ``n_i * world / N`` (``N`` = terms in the window over all data-parallel ranks) makes the
+        summed, rank-averaged gradient that of the mean over all ``N`` terms: the result no
+        longer depends on how the global batch was split across ranks and micro-batches. With
+        one rank and no accumulation every weight is 1 (PaddleNLP's micro-batch mean).
+        """
+        accumulation = self.args.gradient_accumulation_steps
+        counts = [self.loss_weight_basis(batch) for batch in micro_batches]
+        weights = []
+        for begin in range(0, len(counts), accumulation):
+            window = counts[begin : begin + accumulation]
+            total = all_reduce_sum([sum(window)])[0]
+            for count in window:
+                weights.append(count * self.dp_world / total if total > 0 else 0.0)
+        return weights
+
+    def update(self, micro_batches: list[dict[str, Any]], ptx_batches: list[dict[str, Any]] | None) -> dict[str, float]:
+        """``update_iters`` passes over the micro-batches; steps optimizers every accumulation window."""
+        args = self.args
+        accumulation = args.gradient_accumulation_steps
+        weights = self.loss_weights(micro_batches)
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        position = 0
+        window_finite = True
+        for _ in range(args.update_iters):
+            for index, batch in enumerate(micro_batches):
+                accumulating = (position + 1) % accumulation != 0
+                # With ptx the actor's last backward of the window is the ptx one: only it may
+                # trigger the data-parallel gradient all-reduce.
+                metrics = self.rl_step(batch, weights[index], accumulating, actor_accumulating=accumulating or ptx_batches is not None)
+                if ptx_batches is not None:
+                    metrics.update(self.ptx_step(ptx_batches[index], accumulating))
+                window_finite &= all(math.isfinite(v) for k, v in metrics.items() if k.endswith("loss"))
+                for key, value in metrics.items():
+                    sums[key] = sums.get(key, 0.0) + value
+                    counts[key] = counts.get(key, 0) + 1
+                position += 1
+                if not accumulating:
+                    self.finish_update(window_finite, metrics)
+                    window_finite = True
+        result = {key: sums[key] / counts[key] for key in sums}
+        result["train/actor_lr"] = self.actor_trainer.learning_rate
+        result["train/reward_critic_lr"] = self.critic_trainer.learning_rate
+        return result
+
+    def finish_update(self, finite: bool, last_metrics: dict[str, float]) -> None:
+        """Step both optimizers, unless a non-finite loss was seen in the window on any rank."""
+        if self.check_finite({"loss": 0.0 if finite else float("nan")}, what="update", summary=last_metrics):
+            self.critic_trainer.optimizer_step()
+            self.actor_trainer.optimizer_step()
+        else:
+            self.critic_trainer.zero_grad()
+            self.actor_trainer.zero_grad()
+            self.state.skipped_updates += 1
+        self.state.global_step += 1
+
+    def check_finite(self, values: dict[str, float], what: str, summary: dict[str, float] | None = None) -> bool:
+        """True if every value is finite on every rank; else skip (False) or raise per ``on_nonfinite``."""
+        bad = {key: value for key, value in values.items() if not math.isfinite(value)}
+        if not any_across_ranks(bool(bad)):
+            return True
+        message = (
+            f"non-finite {what} at step {self.state.global_step} (rollout {self.state.rollouts}): "
+            f"{bad or 'on another rank'}; batch summary: {json.dumps(summary or values, default=str)}"
+        )
+        if self.args.on_nonfinite == "stop":
+            raise NonFiniteError(message + " (on_nonfinite='stop'; the last checkpoint is intact)")
+        logger.warning("%s -> skipping this %s (on_nonfinite='skip')", message, what)
+        return False
+
+    def ptx_micro_batches(self, rollout_index: int) -> list[dict[str, paddle.Tensor]]:
+        """The ptx batch paired with rollout ``rollout_index``, split like the RL micro-batches."""
+        epoch, batch = divmod(rollout_index, len(self.ptx_sampler))
+        self.ptx_sampler.set_epoch(epoch, batch)
+        indices = next(iter(self.ptx_sampler))
+        size = self.args.per_device_train_batch_size
+        return [self.ptx_collator([self.ptx_dataset[i] for i in indices[b : b + size]]) for b in range(0, len(indices), size)]
+
+    def ptx_step(self, batch: dict[str, paddle.Tensor], accumulating: bool) -> dict[str, float]:
+        """``ptx_coeff`` x language-model loss of the actor, accumulated into the same update."""
+        trainer = self.actor_trainer
+        with trainer.no_sync(accumulating), trainer.autocast():
+            logits = trainer.model_wrapped(
+                batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, return_dict=True
+            ).logits
+            loss = ptx_loss_fn(logits, batch["labels"], ignore_index=IGNORE_INDEX)
+            trainer.backward(self.args.ptx_coeff * loss / self.args.gradient_accumulation_steps)
+        return {"train/ptx_loss": float(loss.item())}
+
+    def set_train(self, mode: bool) -> None:
+        self.actor_trainer.train(mode)
+        self.critic_trainer.train(mode)
+
+    # ----------------------------------------------------------------------- log / eval / save
+    def maybe_log_evaluate_save(self, step_before: int) -> None:
+        args, step = self.args, self.state.global_step
+
+        def crossed(interval: int) -> bool:
+            return interval > 0 and step // interval > step_before // interval
+
+        if crossed(args.logging_steps) or step >= self.total_steps:
+            self.flush_logs()
+        if args.do_eval and self.eval_dataset is not None and _strategy(args.evaluation_strategy) == "steps" and crossed(args.eval_steps):
+            self.log_metrics(self.evaluate())
+        if _strategy(args.save_strategy) == "steps" and crossed(args.save_steps):
+            self.save_checkpoint()
+        epoch_done = self.state.batch_in_epoch >= len(self.prompt_sampler)
+        if epoch_done and args.do_eval and self.eval_dataset is not None and _strategy(args.evaluation_strategy) == "epoch":
+            self.log_metrics(self.evaluate())
+        if epoch_done and _strategy(args.save_strategy) == "epoch":
+            self.save_checkpoint()
+
+    def flush_logs(self, force: bool = False) -> None:
+        """Average the pending per-rollout metrics over rollouts and ranks and log them."""
+        if not self._pending:
+            return
+        keys = sorted({k for m in self._pending for k in m})
+        local = {k: float(np.mean([m[k] for m in self._pending if k in m])) for k in keys}
+        maxima = [k for k in keys if k.startswith("train/max_")]
+        means = [k for k in keys if k not in maxima]
+        reduced = dict(zip(means, all_reduce_mean([local[k] for k in means])))
+        reduced.update(zip(maxima, all_reduce_max([max(m[k] for m in self._pending if k in m) for k in maxima])))
+        reduced["train/skipped_updates"] = self.state.skipped_updates
+        self._pending = []
+        self.log_metrics(reduced)
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        metrics = {**metrics, "epoch": self.state.epoch + self.state.batch_in_epoch / max(len(self.prompt_sampler), 1)}
+        self.metrics_logger.log(metrics, step=self.state.global_step)
+        if is_main_process():
+            shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items() if not k.endswith("_seconds")}
+            logger.info("step %d: %s", self.state.global_step, shown)
+        self.state.last_logged_step = self.state.global_step
+
+    def evaluate(self) -> dict[str, float]:
+        """Generate for every eval prompt, score with the reward model, write the generations."""
+        from alignment.ppo.eval_utils import evaluate_policy
+
+        self.set_train(False)
+        metrics = evaluate_policy(self, self.eval_dataset, step=self.state.global_step)
+        return metrics
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def model_parts(self) -> dict[str, StepTrainer]:
+        """Trainable parts saved into checkpoints, by sub-directory name."""
+        return {"policy": self.actor_trainer, "value": self.critic_trainer}
+
+    def save_checkpoint(self) -> str:
+        """Write ``output_dir/checkpoint-<step>`` atomically (all ranks must call)."""
+        final = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
+        scratch = final + ".tmp"
+        rank = dist.get_rank()
+        if rank == 0:
+            shutil.rmtree(scratch, ignore_errors=True)
+            os.makedirs(scratch)
+        _barrier()
+        for name, trainer in self.model_parts().items():
+            self.save_model(trainer, os.path.join(scratch, name))
+            if self._owns_optimizer_state(trainer):
+                os.makedirs(os.path.join(scratch, "optimizer"), exist_ok=True)
+                tensors, extras = trainer.optimizer_state()
+                prefix = os.path.join(scratch, "optimizer", f"{name}-rank{rank}")
+                save_tensor_state(prefix + ".safetensors", tensors)
+                save_json(prefix + ".json", extras)
+        if rank == 0:
+            save_json(os.path.join(scratch, TRAINER_STATE), {"state": self.state.to_dict(), "dp_world": self.dp_world})
+        _barrier()
+        if rank == 0:
+            publish_directory(scratch, final)
+            rotate_checkpoints(self.args.output_dir, self.args.save_total_limit)
+            logger.info("saved checkpoint %s", final)
+        _barrier()
+        return final
+
+    def _owns_optimizer_state(self, trainer: StepTrainer) -> bool:
+        """Rank 0 saves replicated optimizer state; with sharding/TP/PP every rank saves its part."""
+        args = self.args
+        sharded = bool(args.sharding) or args.tensor_parallel_degree > 1 or args.pipeline_parallel_degree > 1
+        return sharded or dist.get_rank() == 0
+
+    def save_model(self, trainer: StepTrainer, directory: str) -> None:
+        """``save_pretrained`` (safetensors, tensor-parallel shards merged) plus the tokenizer."""
+        merge = self.args.tensor_parallel_degree > 1
+        if self.args.should_save or merge:
+            trainer.model.save_pretrained(directory, safe_serialization=True, merge_tensor_parallel=merge)
+        if self.args.should_save:
+            self.tokenizer.save_pretrained(directory)
+
+    def save_final_models(self) -> None:
+        """``output_dir/policy`` and ``output_dir/value``, each replaced atomically."""
+        for name, trainer in self.model_parts().items():
+            final = os.path.join(self.args.output_dir, name)
+            scratch = final + ".tmp"
+            if dist.get_rank() == 0:
+                shutil.rmtree(scratch, ignore_errors=True)
+            _barrier()
+            self.save_model(trainer, scratch)
+            _barrier()
+            if dist.get_rank() == 0:
+                publish_directory(scratch, final)
+            _barrier()
+
+    def load_checkpoint(self, checkpoint: str) -> None:
+        """Restore weights, optimizers, schedules and counters from ``checkpoint``."""
+        verify_checkpoint(checkpoint)
+        saved = load_json(os.path.join(checkpoint, TRAINER_STATE))
+        if saved.get("dp_world", self.dp_world) != self.dp_world:
+            logger.warning(
+                "checkpoint was written with %s data-parallel ranks, resuming with %s: data order stays exact "
+                "only with the same global batch", saved.get("dp_world"), self.dp_world,
+            )  # fmt: skip
+        rank = dist.get_rank()
+        for name, trainer in self.model_parts().items():
+            _load_weights(trainer.model, os.path.join(checkpoint, name))
+            owner = rank if self._owns_optimizer_state(trainer) else 0
+            prefix = os.path.join(checkpoint, "optimizer", f"{name}-rank{owner}")
+            if not os.path.isfile(prefix + ".safetensors"):
+                raise CheckpointError(f"{checkpoint}: no optimizer state {prefix}.safetensors for rank {rank}")
+            trainer.load_optimizer_state(load_tensor_state(prefix + ".safetensors"), load_json(prefix + ".json"))
+        self.state = TrainerState(**saved["state"])
+        self.metrics_logger_truncate(self.state.global_step)
+        logger.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint, self.state.global_step,
+                    self.state.epoch, self.state.batch_in_epoch)  # fmt: skip
+
+    def metrics_logger_truncate(self, step: int) -> None:
+        """Drop metric records written after ``step`` by the interrupted run."""
+        path = self.metrics_logger.path
+        if not self.metrics_logger.enabled or not os.path.isfile(path):
+            return
+        with open(path, encoding="utf-8") as file:
+            kept = [line for line in file if line.strip() and json.loads(line)["step"] <= step]
+        with open(path, "w", encoding="utf-8") as file:
+            file.writelines(kept)
+
+
+def _load_weights(model: paddle.nn.Layer, directory: str) -> None:
+    """Load a ``save_pretrained`` safetensors checkpoint (merged TP) into an existing model."""
+    from safetensors.numpy import load_file
+
+    files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+    if not files:
+        raise CheckpointError(f"{directory} holds no .safetensors weights")
+    state = {}
+    for name in files:
+        state.update(load_file(os.path.join(directory, name)))
+    if getattr(model.config, "tensor_parallel_degree", 1) > 1:
+        actions = model.get_tensor_parallel_convert_actions(model.config, loaded_state_dict_keys=list(state), is_split=True)
+        for key, action in actions.items():
+            if key in state:
+                state[key] = action(state[key])
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    if missing:
+        raise CheckpointError(f"{directory}: weights missing for {missing[:5]}{'...' if len(missing) > 5 else ''}")
+    model.set_state_dict({k: paddle.to_tensor(state[k]).astype(own[k].dtype) for k in own})
+
+
+def _barrier() -> None:
+    if dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _strategy(value: Any) -> str:
+    return str(getattr(value, "value", value)).lower()
+
+
+class _NoProgress:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, initial: int, disable: bool):
+    if disable:
+        return _NoProgress()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="PPO steps", dynamic_ncols=True)

@@ -1,0 +1,296 @@
+"""Building blocks of the RL loop: one-step trainers, the prompt sampler, distributed reductions.
+
+``StepTrainer`` reuses PaddleNLP's ``Trainer`` for what it already does well (AdamW with the
+usual weight-decay exclusions, gradient clipping, LR schedules, AMP, and wrapping the model for
+data/sharding/tensor parallelism through ``fleet``) and replaces its epoch loop with an explicit
+``backward`` / ``optimizer_step`` pair, so the RL loop decides when each model steps. It relies on
+``Trainer._wrap_model`` and ``create_optimizer_and_scheduler`` of paddlenlp 2.8.1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import paddle
+import paddle.distributed as dist
+
+from alignment.utils.checkpoint import load_optimizer_state_dict, optimizer_state_dict
+
+__all__ = [
+    "StepTrainer",
+    "GlobalBatchSampler",
+    "world_info",
+    "all_reduce_mean",
+    "all_reduce_max",
+    "all_reduce_sum",
+    "any_across_ranks",
+    "derive_args",
+    "rollout_seed",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def _trainer_base():
+    from paddlenlp.trainer import Trainer
+
+    return Trainer
+
+
+# ---------------------------------------------------------------------------------- distributed
+def world_info() -> tuple[int, int]:
+    """``(data-parallel rank, data-parallel world size)`` of this process.
+
+    With hybrid parallelism (fleet), ranks of one tensor/pipeline replica share data, so the
+    data-parallel coordinates are those of the dp x sharding group.
+    """
+    if dist.get_world_size() <= 1:
+        return 0, 1
+    try:
+        from paddle.distributed import fleet
+
+        hcg = fleet.get_hybrid_communicate_group()
+    except Exception:
+        hcg = None
+    if hcg is None:
+        return dist.get_rank(), dist.get_world_size()
+    dp_rank, dp_size = hcg.get_data_parallel_rank(), hcg.get_data_parallel_world_size()
+    sharding_rank, sharding_size = hcg.get_sharding_parallel_rank(), hcg.get_sharding_parallel_world_size()
+    return sharding_rank * dp_size + dp_rank, dp_size * sharding_size
+
+
+def _data_group():
+    """The communication group spanning data-parallel replicas (None = global)."""
+    if dist.get_world_size() <= 1:
+        return None
+    try:
+        from paddle.distributed import fleet
+
+        hcg = fleet.get_hybrid_communicate_group()
+    except Exception:
+        return None
+    if hcg is None or (hcg.get_model_parallel_world_size() == 1 and hcg.get_pipe_parallel_world_size() == 1):
+        return None
+    if hcg.get_sharding_parallel_world_size() > 1 and hcg.get_data_parallel_world_size() > 1:
+        return None  # dp x sharding spans more than one group; the global group is correct w/o mp/pp
+    if hcg.get_sharding_parallel_world_size() > 1:
+        return hcg.get_sharding_parallel_group()
+    return hcg.get_data_parallel_group()
+
+
+def _reduce(values: Sequence[float], op) -> list[float]:
+    if dist.get_world_size() <= 1:
+        return [float(v) for v in values]
+    tensor = paddle.to_tensor(np.asarray(values, dtype=np.float64))
+    dist.all_reduce(tensor, op=op, group=_data_group())
+    return tensor.numpy().tolist()
+
+
+def all_reduce_sum(values: Sequence[float]) -> list[float]:
+    """Sum of each value over data-parallel ranks (plain floats in, plain floats out)."""
+    return _reduce(values, dist.ReduceOp.SUM)
+
+
+def all_reduce_mean(values: Sequence[float]) -> list[float]:
+    """Mean of each value over data-parallel ranks."""
+    world = world_info()[1]
+    return [v / world for v in all_reduce_sum(values)]
+
+
+def all_reduce_max(values: Sequence[float]) -> list[float]:
+    return _reduce(values, dist.ReduceOp.MAX)
+
+
+def any_across_ranks(flag: bool) -> bool:
+    """True if ``flag`` is true on any rank (all ranks must call it)."""
+    if dist.get_world_size() <= 1:
+        return bool(flag)
+    tensor = paddle.to_tensor([1 if flag else 0], dtype="int64")
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+def rollout_seed(seed: int, global_step: int, rank: int) -> int:
+    """Seed of the sampling RNG for the rollout starting at ``global_step`` on ``rank``.
+
+    Re-seeding per rollout from (seed, step, rank) makes a resumed run draw exactly what an
+    uninterrupted one would, with no RNG state to save.
+    """
+    return int(np.random.SeedSequence([seed, global_step, rank]).generate_state(1)[0] % (2**31 - 1))
+
+
+# ------------------------------------------------------------------------------------- sampler
+class GlobalBatchSampler(paddle.io.Sampler):
+    """Yields each rank's slice of consecutive *global* batches of a per-epoch permutation.
+
+    The global batch is ``batch_size * world_size`` indices; rank r takes the r-th slice. So a
+    run with 2 ranks x batch b sees exactly the same global batches as 1 rank x batch 2b (what
+    makes multi-process runs comparable), and the order depends only on ``(seed, epoch)``, which
+    makes resuming at a batch index exact. The last incomplete global batch is dropped.
+    """
+
+    def __init__(self, dataset_size: int, batch_size: int, rank: int = 0, world_size: int = 1, shuffle: bool = True, seed: int = 42):
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.dataset_size = dataset_size
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+        self.start_batch = 0
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.world_size
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def __len__(self) -> int:
+        return self.dataset_size // self.global_batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = np.arange(self.dataset_size)
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.dataset_size)
+        for batch in range(self.start_batch, len(self)):
+            begin = batch * self.global_batch_size + self.rank * self.batch_size
+            yield order[begin : begin + self.batch_size].tolist()
+
+
+# --------------------------------------------------------------------------------- step trainer
+@contextlib.contextmanager
+def _quiet_paddlenlp():
+    from paddlenlp.utils.log import logger as paddlenlp_logger
+
+    level = paddlenlp_logger.logger.level
+    paddlenlp_logger.logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        paddlenlp_logger.logger.setLevel(level)
+
+
+def derive_args(args: Any, **overrides: Any) -> Any:
+    """A copy of ``TrainingArguments`` with some fields replaced (None values are ignored)."""
+    derived = copy.copy(args)
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(derived, key, value)
+    return derived
+
+
+class StepTrainer(_trainer_base()):
+    """One trainable model of the RL loop (actor or critic) stepped explicitly by the loop.
+
+    Usage per optimizer step: ``with trainer.autocast(): loss = ...``; ``trainer.backward(loss)``
+    for each micro-batch; then ``trainer.optimizer_step()``.
+    """
+
+    def __init__(self, model: paddle.nn.Layer, args: Any, name: str, tokenizer: Any = None) -> None:
+        with _quiet_paddlenlp():  # Trainer.__init__ prints every argument; the RL loop already did
+            super().__init__(model=model, args=args, tokenizer=tokenizer, callbacks=None)
+        # The RL loop logs, saves and evaluates; the Trainer's own callbacks must stay silent.
+        self.callback_handler.callbacks = []
+        self.name = name
+        self.num_optimizer_steps = 0
+
+    def setup(self, num_training_steps: int) -> None:
+        """Create the optimizer and LR schedule and wrap the model for distributed training."""
+        self.create_optimizer_and_scheduler(num_training_steps=num_training_steps)
+        self.model_wrapped = self._wrap_model(self.model_wrapped)
+
+    @property
+    def is_data_parallel(self) -> bool:
+        return isinstance(self.model_wrapped, paddle.DataParallel)
+
+    def autocast(self):
+        """AMP context (a no-op unless fp16/bf16 is on)."""
+        return self.autocast_smart_context_manager()
+
+    def train(self, mode: bool = True):  # noqa: D401 - the nn.Layer sense, not Trainer.train
+        """Put the model in training (True) or eval (False) mode."""
+        self.model.train() if mode else self.model.eval()
+
+    def no_sync(self, accumulating: bool):
+        """Skip the DataParallel gradient all-reduce on micro-steps that do not step the optimizer."""
+        if accumulating and self.is_data_parallel:
+            return self.model_wrapped.no_sync()
+        return contextlib.nullcontext()
+
+    def backward(self, loss: paddle.Tensor) -> None:
+        if self.do_grad_scaling:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def grad_norm(self) -> float:
+        """Global L2 norm of the current gradients (before clipping), as a float."""
+        squares = [paddle.sum(paddle.square(p.grad.astype("float32"))) for p in self.model.parameters() if p.grad is not None]
+        if not squares:
+            return 0.0
+        return float(paddle.sqrt(paddle.add_n(squares)).item())
+
+    def zero_grad(self) -> None:
+        self.optimizer.clear_grad()
+
+    def optimizer_step(self) -> bool:
+        """Reduce gradients where the wrapper does not, step optimizer and schedule, clear grads.
+
+        Returns False when fp16 loss scaling skipped the step (inf/nan gradients).
+        """
+        from paddle.distributed.fleet.meta_optimizers.dygraph_optimizer import HybridParallelOptimizer
+        from paddle.distributed.fleet.utils.hybrid_parallel_util import fused_allreduce_gradients
+
+        stepped = True
+        if isinstance(self.optimizer, HybridParallelOptimizer) and not self.do_grad_scaling:
+            parameters = [p for p in self.model.parameters() if not p.stop_gradient]
+            if self.optimizer._sharding_enable:
+                self.optimizer._inner_opt.reduce_gradients(parameters, self.optimizer._hcg)
+            if self.optimizer._dp_enable:
+                fused_allreduce_gradients(parameters, self.optimizer._hcg)
+            self.optimizer._step(parameters)
+        elif self.do_grad_scaling:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            stepped = not getattr(self.scaler, "_cache_found_inf", False)
+        else:
+            self.optimizer.step()
+        if stepped:
+            self.lr_scheduler.step()
+            self.num_optimizer_steps += 1
+        self.optimizer.clear_grad()
+        return stepped
+
+    @property
+    def learning_rate(self) -> float:
+        return float(self.optimizer.get_lr())
+
+    # ------------------------------------------------------------------------- checkpointing
+    def optimizer_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        tensors, extras = optimizer_state_dict(self.optimizer, self.model)
+        extras["num_optimizer_steps"] = self.num_optimizer_steps
+        if self.do_grad_scaling:
+            extras["grad_scaler"] = {k: (v.item() if hasattr(v, "item") else v) for k, v in self.scaler.state_dict().items()}
+        return tensors, extras
+
+    def load_optimizer_state(self, tensors: dict[str, np.ndarray], extras: dict[str, Any]) -> None:
+        extras = dict(extras)
+        self.num_optimizer_steps = int(extras.pop("num_optimizer_steps", 0))
+        scaler_state = extras.pop("grad_scaler", None)
+        load_optimizer_state_dict(self.optimizer, self.model, tensors, extras)
+        if scaler_state is not None and self.do_grad_scaling:
+            self.scaler.load_state_dict(scaler_state)
+
+
+def num_update_steps(num_micro_batches: int, gradient_accumulation_steps: int) -> int:
+    """Optimizer updates made by ``num_micro_batches`` micro-batches."""
+    return math.ceil(num_micro_batches / gradient_accumulation_steps)

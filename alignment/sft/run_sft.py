@@ -1,0 +1,321 @@
+"""Supervised fine-tuning (SFT) of a causal LM on answer tokens: the first stage of RLHF.
+
+    python alignment/sft/run_sft.py config/tiny/sft_argument.json [--field value ...]
+    python -m paddle.distributed.launch --nproc_per_node 2 alignment/sft/run_sft.py config/llama/sft_argument.json
+
+Arguments are :class:`ModelArgument`, :class:`alignment.data.DataArgument` and
+:class:`SFTTrainingArguments` (PaddleNLP ``TrainingArguments`` plus ``eval_before_training``); see
+docs/sft.md. The final model (LoRA merged, if LoRA was used) and its tokenizer are written to
+``output_dir``, loadable with ``AutoModelForCausalLM.from_pretrained(output_dir)``: that is the PPO
+actor. Metrics go to ``output_dir/metrics.jsonl`` (and VisualDL with ``report_to: visualdl``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+from paddlenlp.trainer import TrainingArguments, get_last_checkpoint
+from paddlenlp.trainer.trainer_utils import ShardingOption
+
+from alignment.data import (
+    DataArgument,
+    DatasetError,
+    SupervisedDataset,
+    import_custom_dataset_modules,
+    load_tokenizer,
+    parse_datasets,
+)
+from alignment.sft.merge_lora import LORA_ADAPTER_DIR, merge_lora_model
+from alignment.sft.sft_trainer import SFTTrainer
+from alignment.utils.config import ConfigError, Problems, parse_arguments
+from alignment.utils.env import configure_cpu_threads, enable_mkl_avx2_on_amd
+from alignment.utils.metrics import METRICS_FILE, JsonlLoggingCallback
+
+__all__ = [
+    "ModelArgument",
+    "SFTTrainingArguments",
+    "LLAMA_LORA_TARGET_MODULES",
+    "check_arguments",
+    "build_datasets",
+    "load_model",
+    "apply_lora",
+    "main",
+]
+
+logger = logging.getLogger(__name__)
+
+#: LoRA targets of Llama-style models: every projection of attention and MLP (regex, fullmatch).
+LLAMA_LORA_TARGET_MODULES = (
+    ".*q_proj.*",
+    ".*k_proj.*",
+    ".*v_proj.*",
+    ".*o_proj.*",
+    ".*gate_proj.*",
+    ".*up_proj.*",
+    ".*down_proj.*",
+)
+
+
+@dataclass
+class ModelArgument:
+    """Which model to fine-tune, and optional LoRA."""
+
+    model_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "Pretrained causal LM: a local directory or a PaddleNLP model name."}
+    )
+    tokenizer_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "Tokenizer directory or name; defaults to model_name_or_path."}
+    )
+    use_flash_attention: bool = field(default=False, metadata={"help": "Use FlashAttention (GPU builds only)."})
+    lora: bool = field(
+        default=False,
+        metadata={"help": "Train LoRA adapters instead of all weights; merged into output_dir at the end."},
+    )
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank r."})
+    lora_alpha: Optional[int] = field(default=None, metadata={"help": "LoRA alpha (scaling alpha/r); default 2*r."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch input."})
+    lora_target_modules: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated regexes (full match) of the Linear layers to adapt; default: every "
+            "attention and MLP projection of Llama-style models."
+        },
+    )
+
+
+@dataclass
+class SFTTrainingArguments(TrainingArguments):
+    """PaddleNLP ``TrainingArguments`` plus SFT's own switches."""
+
+    eval_before_training: bool = field(
+        default=False, metadata={"help": "Evaluate once before the first step (logged at step 0) as a baseline."}
+    )
+
+
+def check_arguments(model_args: ModelArgument, data_args: DataArgument, training_args: SFTTrainingArguments) -> None:
+    """Raise one :class:`ConfigError` listing every problem that can be found before loading anything.
+
+    Custom dataset modules must be imported first, so that their names resolve.
+    """
+    problems = Problems()
+    problems.check(bool(model_args.model_name_or_path), "model_name_or_path", "required")
+    problems.check(
+        training_args.do_train or training_args.do_eval,
+        "do_train",
+        "nothing to do: set do_train and/or do_eval (or an evaluation_strategy)",
+    )
+    problems.check(
+        not training_args.do_train or bool(data_args.train_datasets),
+        "train_datasets",
+        "required with do_train (comma-separated name[:proportion[:path]], e.g. alpaca:1:data/alpaca/train.jsonl)",
+    )
+    for name in ("train_datasets", "eval_datasets"):
+        try:
+            parse_datasets(getattr(data_args, name))
+        except DatasetError as error:
+            problems.add(name, str(error))
+    ratio = data_args.eval_split_ratio
+    if ratio is not None:
+        problems.check(0.0 < ratio < 1.0, "eval_split_ratio", f"must be in (0, 1), got {ratio}")
+        problems.check(not data_args.eval_datasets, "eval_split_ratio", "give eval_datasets or eval_split_ratio, not both")
+        problems.check(bool(data_args.train_datasets), "eval_split_ratio", "splits train_datasets, which is not set")
+    if training_args.do_eval:
+        problems.check(
+            bool(data_args.eval_datasets) or ratio is not None,
+            "eval_datasets",
+            "do_eval (or an evaluation_strategy other than 'no') needs eval_datasets or eval_split_ratio",
+        )
+    problems.check(data_args.max_length >= 2, "max_length", f"must be at least 2 tokens, got {data_args.max_length}")
+    problems.check(
+        training_args.pipeline_parallel_degree <= 1,
+        "pipeline_parallel_degree",
+        "SFT supports data, sharding and tensor parallelism, not pipeline parallelism",
+    )
+    if model_args.use_flash_attention:
+        import paddle
+
+        problems.check(
+            paddle.is_compiled_with_cuda(), "use_flash_attention", "needs a GPU build of Paddle; set it to false on CPU"
+        )
+    if model_args.lora:
+        problems.check(model_args.lora_rank >= 1, "lora_rank", f"must be >= 1, got {model_args.lora_rank}")
+        problems.check(
+            model_args.lora_alpha is None or model_args.lora_alpha > 0,
+            "lora_alpha",
+            f"must be > 0, got {model_args.lora_alpha}",
+        )
+        problems.check(
+            0.0 <= model_args.lora_dropout < 1.0, "lora_dropout", f"must be in [0, 1), got {model_args.lora_dropout}"
+        )
+        problems.check(
+            training_args.tensor_parallel_degree <= 1,
+            "lora",
+            "LoRA is supported with data parallel and sharding stage 1/2; the merge step needs whole weights, "
+            "so not with tensor_parallel_degree > 1",
+        )
+        problems.check(
+            ShardingOption.FULL_SHARD not in training_args.sharding,
+            "lora",
+            "LoRA with sharding stage3 is not supported (the merge step needs whole weights)",
+        )
+    problems.raise_if_any()
+
+
+def build_datasets(
+    data_args: DataArgument, tokenizer: Any, seed: int, need_train: bool, need_eval: bool
+) -> tuple[Optional[SupervisedDataset], Optional[SupervisedDataset]]:
+    """``(train, eval)`` supervised datasets; eval from ``eval_datasets`` or split off the train mix."""
+    train_dataset = eval_dataset = None
+    if need_train or data_args.eval_split_ratio is not None:
+        train_dataset = SupervisedDataset(data_args.train_datasets, tokenizer, max_length=data_args.max_length, seed=seed)
+    if need_eval:
+        if data_args.eval_datasets:
+            eval_dataset = SupervisedDataset(
+                data_args.eval_datasets, tokenizer, max_length=data_args.max_length, seed=seed
+            )
+        else:
+            train_dataset, eval_dataset = train_dataset.split_train_test(split_ratio=data_args.eval_split_ratio, seed=seed)
+    return (train_dataset if need_train else None), eval_dataset
+
+
+def load_model(model_args: ModelArgument, training_args: SFTTrainingArguments, tokenizer: Any) -> Any:
+    """The causal LM to fine-tune, in the training dtype, checked against the tokenizer."""
+    from paddlenlp.transformers import AutoModelForCausalLM
+
+    dtype = "float32"
+    if training_args.fp16_opt_level == "O2":  # pure half precision; O1 keeps float32 weights
+        dtype = "bfloat16" if training_args.bf16 else "float16" if training_args.fp16 else "float32"
+    model = AutoModelForCausalLM.from_pretrained(
+        model_args.model_name_or_path,
+        dtype=dtype,
+        use_flash_attention=model_args.use_flash_attention,
+        tensor_parallel_degree=training_args.tensor_parallel_degree,
+        tensor_parallel_rank=training_args.tensor_parallel_rank,
+    )
+    vocab_size = model.config.vocab_size
+    if len(tokenizer) > vocab_size:
+        raise ConfigError(
+            [
+                f"tokenizer_name_or_path: the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has "
+                f"{vocab_size}; use the tokenizer the model was trained with"
+            ]
+        )
+    # The PPO stages read these from the saved config.
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if tokenizer.bos_token_id is not None:
+        model.config.bos_token_id = tokenizer.bos_token_id
+    return model
+
+
+def apply_lora(model: Any, model_args: ModelArgument) -> Any:
+    """Wrap ``model`` in a ``paddlenlp.peft.LoRAModel`` whose only trainable weights are the adapters."""
+    from paddlenlp.peft import LoRAConfig, LoRAModel
+
+    targets = (
+        [pattern.strip() for pattern in model_args.lora_target_modules.split(",") if pattern.strip()]
+        if model_args.lora_target_modules
+        else list(LLAMA_LORA_TARGET_MODULES)
+    )
+    config = LoRAConfig(
+        target_modules=targets,
+        r=model_args.lora_rank,
+        lora_alpha=model_args.lora_alpha or 2 * model_args.lora_rank,
+        lora_dropout=model_args.lora_dropout,
+        merge_weights=False,
+        tensor_parallel_degree=model.config.tensor_parallel_degree,
+        dtype=model.config.dtype if hasattr(model.config, "dtype") else None,
+        base_model_name_or_path=model_args.model_name_or_path,
+    )
+    lora_model = LoRAModel(model, config)
+    adapted = [name for name, _ in lora_model.get_trainable_state_dict().items() if "lora_A" in name]
+    if not adapted:
+        raise ConfigError(
+            [f"lora_target_modules: {targets} match no Linear layer of {type(model).__name__}; name its projections"]
+        )
+    logger.info("LoRA: %d adapted layers, rank %d, alpha %s", len(adapted), config.r, config.lora_alpha)
+    return lora_model
+
+
+def _prepare_output_dir(training_args: SFTTrainingArguments) -> Optional[str]:
+    """The checkpoint to resume from, if any; a fresh run starts a fresh metrics.jsonl."""
+    resume = training_args.resume_from_checkpoint
+    if resume is None and training_args.do_train and os.path.isdir(training_args.output_dir):
+        if not training_args.overwrite_output_dir:
+            resume = get_last_checkpoint(training_args.output_dir)
+            if resume is not None:
+                logger.info("Resuming from %s (set overwrite_output_dir to start over)", resume)
+    if resume is None and training_args.do_train and training_args.should_save:
+        stale = os.path.join(training_args.output_dir, METRICS_FILE)
+        if os.path.exists(stale):
+            os.remove(stale)
+    return resume
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
+    """Run SFT with ``argv`` (default ``sys.argv[1:]``); returns the final train and eval metrics."""
+    enable_mkl_avx2_on_amd()
+    configure_cpu_threads()
+    model_args, data_args, training_args = parse_arguments((ModelArgument, DataArgument, SFTTrainingArguments), argv)
+    import_custom_dataset_modules(data_args.custom_dataset_modules)
+    check_arguments(model_args, data_args, training_args)
+    training_args.print_config(model_args, "Model")
+    training_args.print_config(data_args, "Data")
+
+    tokenizer = load_tokenizer(
+        model_args.tokenizer_name_or_path or model_args.model_name_or_path,
+        padding_side="right",
+        model_max_length=data_args.max_length,
+    )
+    train_dataset, eval_dataset = build_datasets(
+        data_args, tokenizer, seed=training_args.seed, need_train=training_args.do_train, need_eval=training_args.do_eval
+    )
+    model = load_model(model_args, training_args, tokenizer)
+    if model_args.lora:
+        model = apply_lora(model, model_args)
+
+    resume = _prepare_output_dir(training_args)
+    trainer = SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        tokenizer=tokenizer,
+        data_collator=(train_dataset or eval_dataset).get_collator(shift=True),
+        callbacks=[JsonlLoggingCallback()],
+    )
+
+    metrics: dict[str, float] = {}
+    if training_args.do_train:
+        if training_args.eval_before_training and eval_dataset is not None and resume is None:
+            metrics.update({f"initial_{key}": value for key, value in trainer.evaluate().items()})
+        result = trainer.train(resume_from_checkpoint=resume)
+        metrics.update(result.metrics)
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
+        _save_final_model(trainer, model_args, training_args)
+    if training_args.do_eval:
+        eval_metrics = trainer.evaluate()
+        metrics.update(eval_metrics)
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+    return metrics
+
+
+def _save_final_model(trainer: SFTTrainer, model_args: ModelArgument, training_args: SFTTrainingArguments) -> None:
+    """A plain (merged) model and the tokenizer in ``output_dir``; LoRA adapters under ``lora_adapter/``."""
+    output_dir = training_args.output_dir
+    if not model_args.lora:
+        trainer.save_model(output_dir)
+        return
+    trainer.save_model(os.path.join(output_dir, LORA_ADAPTER_DIR))
+    if training_args.should_save:
+        merge_lora_model(trainer.model, output_dir, tokenizer=trainer.tokenizer)
+
+
+if __name__ == "__main__":
+    main()

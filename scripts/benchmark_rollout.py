@@ -1,0 +1,140 @@
+"""Rollout speed: paddlenlp ``generate`` ("plain") vs our accelerated backend, side by side in one process.
+
+A random-weight Llama, a random left-padded prompt batch, sampling with top_p = 1 / top_k = 0, exactly
+``--new-tokens`` new tokens per row (``stop_at_eos=False``). One warm-up run of each backend, then
+``--repeats`` rounds alternating the two; tokens/s = batch * new tokens / seconds of the best round
+(new tokens only). Example (the reference configuration of docs/benchmarks.md):
+
+    python scripts/benchmark_rollout.py --vocab-size 8000 --hidden-size 256 --intermediate-size 688 \\
+        --num-layers 4 --num-heads 4 --batch-size 8 --prompt-len 32 --new-tokens 64 --repeats 5 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+from alignment.utils.env import configure_cpu_threads, enable_mkl_avx2_on_amd
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vocab-size", type=int, default=8000)
+    parser.add_argument("--hidden-size", type=int, default=256)
+    parser.add_argument("--intermediate-size", type=int, default=688)
+    parser.add_argument("--num-layers", type=int, default=4)
+    parser.add_argument("--num-heads", type=int, default=4)
+    parser.add_argument("--num-kv-heads", type=int, default=None, help="GQA key/value heads (default: num-heads)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="CPU math threads (default: all cores owned)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--backend", default="auto", choices=["auto", "fast", "fused"], help="accelerated backend to compare"
+    )
+    parser.add_argument(
+        "--no-mkl-avx2",
+        action="store_true",
+        help="do not set MKL_DEBUG_CPU_TYPE=5 on AMD CPUs (both backends then use MKL's slow generic sgemm)",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    args = parser.parse_args(argv)
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "batch_size",
+                 "prompt_len", "new_tokens", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.hidden_size % args.num_heads:
+        parser.error("--hidden-size must be a multiple of --num-heads")
+    return args
+
+
+def build_inputs(args):
+    """Random-weight LlamaForCausalLM and a left-padded prompt batch (row b has b % 4 pads)."""
+    import paddle
+    from paddlenlp.transformers import LlamaConfig, LlamaForCausalLM
+
+    paddle.seed(args.seed)
+    config = LlamaConfig(
+        vocab_size=args.vocab_size,
+        hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size,
+        num_hidden_layers=args.num_layers,
+        num_attention_heads=args.num_heads,
+        num_key_value_heads=args.num_kv_heads or args.num_heads,
+        max_position_embeddings=args.prompt_len + args.new_tokens + 1,
+    )
+    model = LlamaForCausalLM(config)
+    model.eval()
+    pads = paddle.arange(args.batch_size).unsqueeze(1) % min(4, args.prompt_len)
+    attention_mask = (paddle.arange(args.prompt_len).unsqueeze(0) >= pads).astype("int64")
+    input_ids = paddle.randint(3, args.vocab_size, [args.batch_size, args.prompt_len])
+    input_ids = paddle.where(attention_mask > 0, input_ids, paddle.zeros_like(input_ids))
+    num_params = sum(int(p.numel()) for p in model.parameters())
+    return model, input_ids, attention_mask, num_params
+
+
+def run(args) -> dict:
+    mkl_avx2 = False if args.no_mkl_avx2 else enable_mkl_avx2_on_amd()  # before the first matmul
+    threads = configure_cpu_threads(args.threads)
+    from alignment.ppo.infer_utils import generate_rollout
+
+    model, input_ids, attention_mask, num_params = build_inputs(args)
+    new_tokens = args.batch_size * args.new_tokens
+
+    def timed(backend: str) -> float:
+        start = time.perf_counter()
+        out = generate_rollout(
+            model, input_ids, attention_mask, max_new_tokens=args.new_tokens, do_sample=True,
+            eos_token_id=2, pad_token_id=0, backend=backend, stop_at_eos=False,
+        )
+        seconds = time.perf_counter() - start
+        assert out.shape == [args.batch_size, args.prompt_len + args.new_tokens], out.shape
+        return seconds
+
+    backends = ("plain", args.backend)
+    for backend in backends:
+        timed(backend)  # warm-up
+    seconds = {backend: [] for backend in backends}
+    for _ in range(args.repeats):
+        for backend in backends:
+            seconds[backend].append(timed(backend))
+    plain_tps = new_tokens / min(seconds["plain"])
+    fast_tps = new_tokens / min(seconds[args.backend])
+    return {
+        "config": {
+            "vocab_size": args.vocab_size, "hidden_size": args.hidden_size,
+            "intermediate_size": args.intermediate_size, "num_layers": args.num_layers,
+            "num_heads": args.num_heads, "num_kv_heads": args.num_kv_heads or args.num_heads,
+            "batch_size": args.batch_size, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+            "repeats": args.repeats, "threads": threads, "seed": args.seed, "mkl_avx2": mkl_avx2,
+            "num_params": num_params, "backend": args.backend,
+        },
+        "plain_tokens_per_s": round(plain_tps, 1),
+        "accelerated_tokens_per_s": round(fast_tps, 1),
+        "plain_tokens_per_s_median": round(new_tokens / statistics.median(seconds["plain"]), 1),
+        "accelerated_tokens_per_s_median": round(new_tokens / statistics.median(seconds[args.backend]), 1),
+        "speedup": round(fast_tps / plain_tps, 2),
+    }
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    result = run(args)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        config = result["config"]
+        print(" ".join(f"{key}={value}" for key, value in config.items()))
+        print(f"plain (paddlenlp generate): {result['plain_tokens_per_s']:10.1f} new tokens/s")
+        print(f"accelerated ({config['backend']}):      {result['accelerated_tokens_per_s']:10.1f} new tokens/s")
+        print(f"speedup: {result['speedup']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
