@@ -42,3 +42,18 @@ def repo_root() -> str:
 def python() -> str:
     """The interpreter running the tests (used to launch subprocesses)."""
     return sys.executable
+
+
+@pytest.fixture(scope="session")
+def tiny_score_model(tiny_assets, tmp_path_factory) -> str:
+    """A random score model (fresh head on the tiny Llama) saved with its tokenizer."""
+    import shutil
+
+    from alignment.models import AutoModelForScore
+
+    directory = str(tmp_path_factory.mktemp("tiny_score_model"))
+    model = AutoModelForScore.from_pretrained(tiny_assets["llama"])
+    model.save_pretrained(directory, safe_serialization=True)
+    for name in os.listdir(tiny_assets["tokenizer"]):
+        shutil.copy(os.path.join(tiny_assets["tokenizer"], name), directory)
+    return directory

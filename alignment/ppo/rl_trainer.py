@@ -353,6 +353,11 @@ class RLTrainer(abc.ABC):
                 if not accumulating:
                     self.finish_update(window_finite, metrics)
                     window_finite = True
+                    if self.state.global_step >= self.total_steps:  # max_steps may end mid-rollout
+                        break
+            else:
+                continue
+            break
         result = {key: sums[key] / counts[key] for key in sums}
         result["train/actor_lr"] = self.actor_trainer.learning_rate
         result["train/reward_critic_lr"] = self.critic_trainer.learning_rate
