@@ -31,6 +31,23 @@ def worker_logs(log_dir: str | os.PathLike) -> str:
     return "\n".join(chunks) if chunks else f"(no worker logs in {log_dir})"
 
 
+def _kill_tree(pid: int) -> None:
+    """Kill ``pid`` and all its descendants (the launcher starts workers in their own sessions)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return
+    family = root.children(recursive=True) + [root]
+    for process in family:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(family, timeout=10)
+
+
 def launch_distributed(
     script: str | os.PathLike,
     script_args: Sequence[str] = (),
@@ -73,15 +90,11 @@ def launch_distributed(
         str(script),
         *map(str, script_args),
     ]
+    proc = subprocess.Popen(cmd, cwd=cwd, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        # start_new_session so a timeout kills the launcher *and* its workers (their process group).
-        proc = subprocess.Popen(
-            cmd, cwd=cwd, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            start_new_session=True,
-        )
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
+        _kill_tree(proc.pid)
         out, _ = proc.communicate()
         raise DistributedLaunchError(
             f"timeout after {timeout}s: {' '.join(cmd)}\n--- launcher ---\n{out[-4000:]}\n{worker_logs(log_dir)}"

@@ -173,6 +173,7 @@ class RLTrainer(abc.ABC):
         logging_dir = args.logging_dir if "visualdl" in (args.report_to or []) else None
         self.metrics_logger = MetricsLogger(args.output_dir, visualdl_dir=logging_dir)
         self._pending: list[dict[str, float]] = []
+        self.last_evaluation: tuple[int, dict[str, float]] | None = None
 
     # ------------------------------------------------------------------------------ subclass API
     @abc.abstractmethod
@@ -458,6 +459,7 @@ class RLTrainer(abc.ABC):
 
         self.set_train(False)
         metrics = evaluate_policy(self, self.eval_dataset, step=self.state.global_step)
+        self.last_evaluation = (self.state.global_step, metrics)
         return metrics
 
     # ----------------------------------------------------------------------------- checkpoints

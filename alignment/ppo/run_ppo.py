@@ -331,8 +331,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         trainer.train(resume_from_checkpoint=resume)
         trainer.save_final_models()
     if args.do_eval and trainer.eval_dataset is not None:
-        metrics = trainer.evaluate()
-        trainer.log_metrics(metrics)
+        if trainer.last_evaluation and trainer.last_evaluation[0] == trainer.state.global_step:
+            metrics = trainer.last_evaluation[1]  # the loop just evaluated this very policy
+        else:
+            metrics = trainer.evaluate()
+            trainer.log_metrics(metrics)
     trainer.metrics_logger.close()
     return {"state": trainer.state.to_dict(), **metrics}
 
