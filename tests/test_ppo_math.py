@@ -515,3 +515,27 @@ def test_kl_divergence_per_sequence():
     close(out, [1.0, 0.0])
     with pytest.raises(ValueError, match="mask"):
         kl_divergence_per_sequence(f32([[0.0]]), f32([[0.0]]), i64([[1, 1]]))
+
+
+def test_make_rollout_attention_mask_repeats_prompt_masks_and_stops_after_eos():
+    from alignment.models.ppo_model_utils import make_rollout_attention_mask
+
+    # Two left-padded prompts (widths 2 and 3 of 3), two samples each; EOS = pad = 2.
+    prompt_mask = paddle.to_tensor([[0, 1, 1], [1, 1, 1]])
+    sequences = paddle.to_tensor(
+        [
+            [2, 5, 6, 7, 2, 2],  # prompt 0, sample 0: EOS at response position 1
+            [2, 5, 6, 8, 9, 4],  # prompt 0, sample 1: never ends
+            [4, 5, 6, 2, 2, 2],  # prompt 1, sample 0: EOS first
+            [4, 5, 6, 7, 8, 2],  # prompt 1, sample 1: EOS last
+        ]
+    )
+    mask = make_rollout_attention_mask(prompt_mask, sequences, eos_token_id=2).numpy().astype(int).tolist()
+    assert mask == [
+        [0, 1, 1, 1, 1, 0],
+        [0, 1, 1, 1, 1, 1],
+        [1, 1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 1, 1],
+    ]
+    with pytest.raises(ValueError, match="multiple of 2 rows"):
+        make_rollout_attention_mask(prompt_mask, sequences[:3], eos_token_id=2)

@@ -9,7 +9,7 @@ import numpy as np
 import paddle
 import pytest
 
-from alignment.models.ppo_model_utils import gather_log_probabilities
+from alignment.models.ppo_model_utils import gather_log_probabilities, make_rollout_attention_mask
 from alignment.ppo.run_ppo import DataArgument, ModelArgument, TrainingArguments, build_trainer, validate_arguments
 from alignment.utils.config import ConfigError, parse_arguments
 from alignment.utils.metrics import read_metrics
@@ -80,7 +80,7 @@ def test_experience_aligns_tokens_and_puts_the_reward_on_the_final_eos(tmp_path,
     prompt_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
     with paddle.no_grad():
         sequences = trainer.generate(prompt_ids, prompt_mask)
-        mask = trainer.sequence_attention_mask(prompt_mask, sequences, repeats=1)
+        mask = make_rollout_attention_mask(prompt_mask, sequences, eos)
         experience = trainer.make_experience(prompt_ids, sequences, mask)
 
     width = prompt_ids.shape[1]

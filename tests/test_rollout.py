@@ -136,19 +136,24 @@ def test_decoder_log_probs_match_training_forward(num_kv_heads):
 
 
 def test_weight_updates_are_visible_in_the_next_rollout():
-    for fused in (False, True):  # concatenated-per-rollout and shared fused weights
+    for fused in (False, True):  # concatenated-per-rollout and shared fused QKV weights
         model = tiny_llama(fused=fused)
         ids, mask = prompts()
-        before = greedy(model, ids, mask, "fast", eos_token_id=-1, max_new_tokens=4).numpy()
-        with paddle.no_grad():  # an in-place "training step": attention and lm_head change
+
+        def rollout(backend):
+            return greedy(model, ids, mask, backend, eos_token_id=-1, max_new_tokens=6).numpy()
+
+        before = rollout("fast")
+        with paddle.no_grad():  # an in-place "training step" on the attention weights
             attn = model.llama.layers[0].self_attn
-            weight = attn.qkv_proj.weight if fused else attn.q_proj.weight
-            weight.set_value(weight * 3.0)
-            model.lm_head.weight[:, 42] += 50.0  # token 42 now wins every greedy step
-        after = greedy(model, ids, mask, "fast", eos_token_id=-1, max_new_tokens=4).numpy()
-        assert (before[:, 6:] != 42).any()
-        assert (after[:, 6:] == 42).all()
-        np.testing.assert_array_equal(after, greedy(model, ids, mask, "plain", eos_token_id=-1, max_new_tokens=4).numpy())
+            weight = attn.qkv_proj.weight if fused else attn.v_proj.weight
+            weight.set_value(weight * 30.0)
+        after = rollout("fast")
+        assert (after != before).any()
+        np.testing.assert_array_equal(after, rollout("plain"))
+        with paddle.no_grad():  # zero lm_head: every logit is 0, greedy argmax picks token 0
+            model.lm_head.weight.set_value(paddle.zeros_like(model.lm_head.weight))
+        assert (rollout("fast")[:, ids.shape[1] :] == 0).all()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ __all__ = [
     "make_position_ids",
     "make_response_mask",
     "make_sequence_mask",
+    "make_rollout_attention_mask",
     "last_valid_index",
     "add_kl_divergence_regularization",
     "get_advantages_and_returns",
@@ -205,6 +206,31 @@ def make_response_mask(
     is_eos = is_eos.astype("int64")
     eos_strictly_before = paddle.cumsum(is_eos, axis=-1) - is_eos
     return eos_strictly_before == 0
+
+
+def make_rollout_attention_mask(
+    prompt_attention_mask: paddle.Tensor, sequences: paddle.Tensor, eos_token_id: int | Sequence[int]
+) -> paddle.Tensor:
+    """Attention mask of generated sequences: the prompt's own mask, then the response up to its EOS.
+
+    Args:
+        prompt_attention_mask: ``[B, S]`` mask of the left-padded prompts.
+        sequences: ``[B * n, S + N]`` prompt (each repeated n times, consecutively) + response.
+        eos_token_id: EOS id(s); see :func:`make_response_mask`.
+
+    Returns:
+        ``[B * n, S + N]`` bool.
+    """
+    _check_tensor("prompt_attention_mask", prompt_attention_mask, ndim=2)
+    _check_tensor("sequences", sequences, ndim=2)
+    rows, width = prompt_attention_mask.shape
+    if sequences.shape[0] % rows or sequences.shape[1] <= width:
+        raise ValueError(
+            f"`sequences` {list(sequences.shape)} must have a multiple of {rows} rows and more than {width} columns."
+        )
+    repeats = sequences.shape[0] // rows
+    prompt_mask = paddle.repeat_interleave(prompt_attention_mask.astype("int64"), repeats, axis=0).astype("bool")
+    return paddle.concat([prompt_mask, make_response_mask(sequences[:, width:], eos_token_id)], axis=1)
 
 
 def make_sequence_mask(attention_mask: paddle.Tensor, start: int) -> paddle.Tensor:

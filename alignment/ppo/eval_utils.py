@@ -12,15 +12,50 @@ import paddle
 import paddle.distributed as dist
 
 from alignment.data.base import PROMPT_ASSISTANT, PROMPT_BEGIN, PROMPT_USER
+from alignment.models.ppo_model_utils import make_rollout_attention_mask
 from alignment.ppo.trainer_utils import all_reduce_sum
 from alignment.utils.metrics import is_main_process
 
-__all__ = ["evaluate_policy", "split_prompt_response", "format_table"]
+__all__ = ["evaluate_policy", "score_sequences", "split_prompt_response", "format_table"]
 
 logger = logging.getLogger(__name__)
 
 _USER_PREFIX = PROMPT_BEGIN + PROMPT_USER.split("{input}")[0]
 _USER_SUFFIX = PROMPT_USER.split("{input}")[1] + PROMPT_ASSISTANT
+
+
+def score_sequences(
+    reward_model: paddle.nn.Layer,
+    input_ids: paddle.Tensor,
+    attention_mask: paddle.Tensor,
+    tokenizer: Any,
+    reward_tokenizer: Any,
+    batch_size: int | None = None,
+) -> paddle.Tensor:
+    """``[B]`` float32 reward-model end scores of ``[B, L]`` sequences written with ``tokenizer``.
+
+    When the reward model's tokenizer differs, rows are decoded and re-encoded for it (with a mask
+    from the new lengths). ``batch_size`` bounds the rows per forward pass.
+    """
+    from alignment.data.tokenizer import batch_retokenize, is_same_tokenizer
+    from alignment.models.ppo_model_utils import make_position_ids
+
+    if not is_same_tokenizer(tokenizer, reward_tokenizer):
+        input_ids, attention_mask = batch_retokenize(input_ids, attention_mask, tokenizer, reward_tokenizer)
+    position_ids = make_position_ids(attention_mask)
+    rows = input_ids.shape[0]
+    size = batch_size or rows
+    scores = []
+    for begin in range(0, rows, size):
+        end = min(begin + size, rows)
+        output = reward_model(
+            input_ids[begin:end],
+            attention_mask=attention_mask[begin:end],
+            position_ids=position_ids[begin:end],
+            return_dict=True,
+        )
+        scores.append(output.end_scores[:, 0].astype("float32"))
+    return scores[0] if len(scores) == 1 else paddle.concat(scores, axis=0)
 
 
 def split_prompt_response(prompt_text: str, full_text: str) -> tuple[str, str]:
@@ -65,7 +100,7 @@ def evaluate_policy(trainer: Any, dataset: Any, step: int, num_table_rows: int =
     for begin in range(0, len(indices), batch_size):
         batch = collator([dataset[i] for i in indices[begin : begin + batch_size]])
         sequences = trainer.generate(batch["input_ids"], batch["attention_mask"], do_sample=args.eval_do_sample, num_return_sequences=1)
-        attention_mask = trainer.sequence_attention_mask(batch["attention_mask"], sequences, repeats=1)
+        attention_mask = make_rollout_attention_mask(batch["attention_mask"], sequences, trainer.tokenizer.eos_token_id)
         rewards = trainer.reward_score(sequences, attention_mask).numpy()
         prompt_width = batch["input_ids"].shape[1]
         lengths = attention_mask[:, prompt_width:].astype("int64").sum(axis=-1).numpy()

@@ -20,7 +20,6 @@ from typing import Any
 
 import paddle
 
-from alignment.data.tokenizer import batch_retokenize, is_same_tokenizer
 from alignment.models.ppo_model_utils import (
     actor_loss_fn,
     add_kl_divergence_regularization,
@@ -32,6 +31,7 @@ from alignment.models.ppo_model_utils import (
     make_sequence_mask,
     masked_mean,
 )
+from alignment.ppo.eval_utils import score_sequences
 from alignment.ppo.rl_trainer import RLTrainer, RolloutSettings
 from alignment.ppo.trainer_utils import StepTrainer
 
@@ -67,7 +67,6 @@ class PPOTrainer(RLTrainer):
         self.reference_model = reference_model
         self.reward_model = reward_model
         self.reward_tokenizer = reward_tokenizer
-        self.same_reward_tokenizer = is_same_tokenizer(tokenizer, reward_tokenizer)
         for model in (reference_model, reward_model):
             model.eval()
             for parameter in model.parameters():
@@ -98,21 +97,11 @@ class PPOTrainer(RLTrainer):
 
     def reward_score(self, input_ids: paddle.Tensor, attention_mask: paddle.Tensor) -> paddle.Tensor:
         """``[B]`` reward-model score of each sequence (re-tokenized if the RM's tokenizer differs)."""
-        if not self.same_reward_tokenizer:
-            input_ids, attention_mask = batch_retokenize(input_ids, attention_mask, self.tokenizer, self.reward_tokenizer)
-        position_ids = make_position_ids(attention_mask)
-
-        def run(begin: int, end: int) -> paddle.Tensor:
-            output = self.reward_model(
-                input_ids[begin:end],
-                attention_mask=attention_mask[begin:end],
-                position_ids=position_ids[begin:end],
-                return_dict=True,
-            )
-            return output.end_scores[:, 0].astype("float32")
-
         with self.offload.use("freeze_model", self.reward_model):
-            return self.forward_chunks(run, input_ids.shape[0])
+            return score_sequences(
+                self.reward_model, input_ids, attention_mask, self.tokenizer, self.reward_tokenizer,
+                batch_size=self.args.per_device_experience_batch_size,
+            )  # fmt: skip
 
     def values_of(self, model: paddle.nn.Layer, input_ids, attention_mask, position_ids, start: int = 0) -> paddle.Tensor:
         """``[B, T - start]`` critic values ``V(prefix ending at t)`` for ``t = start .. T-1``."""

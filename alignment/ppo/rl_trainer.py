@@ -32,7 +32,7 @@ import paddle
 import paddle.distributed as dist
 
 from alignment.data.base import IGNORE_INDEX
-from alignment.models.ppo_model_utils import make_response_mask, ptx_loss_fn
+from alignment.models.ppo_model_utils import make_rollout_attention_mask, ptx_loss_fn
 from alignment.ppo.comm_utils import OffloadManager
 from alignment.ppo.trainer_utils import (
     GlobalBatchSampler,
@@ -227,13 +227,6 @@ class RLTrainer(abc.ABC):
             backend=settings.backend,
         )
 
-    def sequence_attention_mask(self, prompt_mask: paddle.Tensor, sequences: paddle.Tensor, repeats: int) -> paddle.Tensor:
-        """``[B*n, S+N]`` mask: the prompt's own mask, then response tokens up to the first EOS."""
-        prompt_width = prompt_mask.shape[1]
-        prompt_mask = paddle.repeat_interleave(prompt_mask.astype("int64"), repeats, axis=0).astype("bool")
-        response_mask = make_response_mask(sequences[:, prompt_width:], self.tokenizer.eos_token_id)
-        return paddle.concat([prompt_mask, response_mask], axis=1)
-
     # ---------------------------------------------------------------------------------- training
     def train(self, resume_from_checkpoint: str | None = None) -> TrainerState:
         """Run until ``total_steps`` optimizer updates; returns the final state."""
@@ -277,8 +270,7 @@ class RLTrainer(abc.ABC):
         with paddle.no_grad():
             sequences = self.generate(prompt_batch["input_ids"], prompt_batch["attention_mask"])
             generated = time.perf_counter()
-            repeats = sequences.shape[0] // prompt_batch["input_ids"].shape[0]
-            attention_mask = self.sequence_attention_mask(prompt_batch["attention_mask"], sequences, repeats)
+            attention_mask = make_rollout_attention_mask(prompt_batch["attention_mask"], sequences, self.tokenizer.eos_token_id)
             experience = self.make_experience(prompt_batch["input_ids"], sequences, attention_mask)
         experienced = time.perf_counter()
 

@@ -265,11 +265,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
     training_args.print_config(model_args, "Model")
     training_args.print_config(data_args, "Data")
 
-    tokenizer = load_tokenizer(
-        model_args.tokenizer_name_or_path or model_args.model_name_or_path,
-        padding_side="right",
-        model_max_length=data_args.max_length,
-    )
+    tokenizer_field = "tokenizer_name_or_path" if model_args.tokenizer_name_or_path else "model_name_or_path"
+    try:
+        tokenizer = load_tokenizer(
+            getattr(model_args, tokenizer_field), padding_side="right", model_max_length=data_args.max_length
+        )
+    except ValueError as error:  # e.g. no eos_token: answers could not be terminated
+        raise ConfigError([f"{tokenizer_field}: {error}"]) from error
     train_dataset, eval_dataset = build_datasets(
         data_args, tokenizer, seed=training_args.seed, need_train=training_args.do_train, need_eval=training_args.do_eval
     )

@@ -113,6 +113,13 @@ class SFTTrainer(Trainer):
             output.metrics[f"{metric_key_prefix}_ppl"] = perplexity(mean_nll)
         return output
 
+    def _save_checkpoint(self, model, metrics=None):
+        super()._save_checkpoint(model, metrics)
+        # paddlenlp 2.8.1 rotates checkpoints only when ``local_rank == 0``, so a single-process run
+        # (local_rank -1) never honours ``save_total_limit``. Rotate here in that case.
+        if self.args.local_rank == -1 and self.args.should_save:
+            self._rotate_checkpoints(use_mtime=True, output_dir=self.args.output_dir)
+
     def _global_eval_totals(self) -> tuple[float, float]:
         """Evaluation NLL sum and token count summed over the data-parallel ranks."""
         totals = paddle.to_tensor([self._eval_nll_sum, self._eval_num_tokens], dtype="float64")

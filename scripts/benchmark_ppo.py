@@ -1,0 +1,173 @@
+"""Time a whole PPO step split into generation, experience and training, plus peak memory.
+
+Random-weight actor/reference (``LlamaForCausalLM``) and critic/reward (``LlamaModelForScore``) of
+the given shape; ``--batch-size`` prompts of ``--prompt-len`` tokens per step, one sample per
+prompt, exactly ``--new-tokens`` generated (the EOS id is outside the vocabulary), ``update_iters``
+1, one optimizer step for the actor and one for the critic per PPO step. The first step is a
+warm-up; the medians of the next ``--steps`` are reported. Example (docs/benchmarks.md):
+
+    python scripts/benchmark_ppo.py --vocab-size 8000 --hidden-size 256 --intermediate-size 688 \\
+        --num-layers 4 --num-heads 4 --batch-size 8 --prompt-len 32 --new-tokens 64 --steps 5 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import tempfile
+from types import SimpleNamespace
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vocab-size", type=int, default=8000)
+    parser.add_argument("--hidden-size", type=int, default=256)
+    parser.add_argument("--intermediate-size", type=int, default=688)
+    parser.add_argument("--num-layers", type=int, default=4)
+    parser.add_argument("--num-heads", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--backend", default="auto", choices=["auto", "fast", "plain", "fused"], help="rollout backend")
+    parser.add_argument("--threads", type=int, default=None, help="CPU math threads (default: all cores owned)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    args = parser.parse_args(argv)
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "batch_size",
+                 "prompt_len", "new_tokens", "steps"):  # fmt: skip
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.hidden_size % args.num_heads:
+        parser.error("--hidden-size must be a multiple of --num-heads")
+    return args
+
+
+class RandomPrompts:
+    """``size`` random prompts of ``length`` tokens with a PromptOnlyDataset-like collator."""
+
+    def __init__(self, size: int, length: int, vocab_size: int, seed: int) -> None:
+        import numpy as np
+
+        rng = np.random.default_rng(seed)
+        self.rows = [rng.integers(3, vocab_size, size=length) for _ in range(size)]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"input_ids": self.rows[index]}
+
+    def get_collator(self):
+        from alignment.data import PromptOnlyCollator
+
+        return PromptOnlyCollator(pad_token_id=0)
+
+
+def build_trainer(args: argparse.Namespace, output_dir: str):
+    import paddle
+    from paddlenlp.transformers import LlamaConfig, LlamaForCausalLM
+
+    from alignment.models import LlamaModelForScore
+    from alignment.ppo.ppo_trainer import PPOTrainer
+    from alignment.ppo.rl_trainer import RolloutSettings
+    from alignment.ppo.run_ppo import TrainingArguments
+    from alignment.ppo.trainer_utils import StepTrainer
+
+    config = LlamaConfig(
+        vocab_size=args.vocab_size,
+        hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size,
+        num_hidden_layers=args.num_layers,
+        num_attention_heads=args.num_heads,
+        max_position_embeddings=args.prompt_len + args.new_tokens + 1,
+        tensor_parallel_output=False,
+    )
+    paddle.seed(args.seed)
+    actor = LlamaForCausalLM(config)
+    reference = LlamaForCausalLM(config)
+    reference.set_state_dict(actor.state_dict())
+    critic = LlamaModelForScore(config, score_type="critic")
+    reward = LlamaModelForScore(config, score_type="reward")
+    training_args = TrainingArguments(
+        output_dir=output_dir,
+        per_device_prompt_batch_size=args.batch_size,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        max_steps=args.steps + 1,
+        learning_rate=1e-6,
+        logging_steps=10**9,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        seed=args.seed,
+    )
+    # An EOS id outside the vocabulary is never sampled: every rollout has exactly --new-tokens.
+    tokenizer = SimpleNamespace(eos_token_id=args.vocab_size, pad_token_id=0)
+    rollout = RolloutSettings(max_new_tokens=args.new_tokens, top_p=1.0, backend=args.backend)
+    prompts = RandomPrompts(args.batch_size * (args.steps + 1), args.prompt_len, args.vocab_size, args.seed)
+    return PPOTrainer(
+        training_args,
+        StepTrainer(actor, training_args, name="actor"),
+        StepTrainer(critic, training_args, name="critic"),
+        reference_model=reference,
+        reward_model=reward,
+        tokenizer=tokenizer,
+        reward_tokenizer=tokenizer,
+        train_dataset=prompts,
+        rollout=rollout,
+    )
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from alignment.utils.env import configure_cpu_threads, enable_mkl_avx2_on_amd
+
+    enable_mkl_avx2_on_amd()
+    threads = configure_cpu_threads(args.threads)
+    import logging
+
+    logging.getLogger("alignment").setLevel(logging.WARNING)
+    with tempfile.TemporaryDirectory() as output_dir:
+        trainer = build_trainer(args, output_dir)
+        records = []
+        trainer.flush_logs = lambda force=False: None  # keep the per-step records for us
+        for _ in range(args.steps + 1):
+            batch = next(iter(trainer.prompt_loader))
+            trainer.train_on_rollout(batch)
+            trainer.state.rollouts += 1
+            records.append(trainer._pending.pop())
+    measured = records[1:]  # the first step warms up caches and kernels
+
+    def median(key: str) -> float:
+        return statistics.median(r[key] for r in measured)
+
+    generation, experience, train = (
+        median("train/generation_seconds"), median("train/experience_seconds"), median("train/update_seconds")
+    )  # fmt: skip
+    steps = [r["train/generation_seconds"] + r["train/experience_seconds"] + r["train/update_seconds"] for r in measured]
+    result = {
+        "median_step_s": statistics.median(steps),
+        "generation_s": generation,
+        "experience_s": experience,
+        "train_s": train,
+        "generation_share": generation / statistics.median(steps),
+        "rollout_tokens_per_s": args.batch_size * args.new_tokens / generation,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "threads": threads,
+        "config": {k: v for k, v in vars(args).items() if k != "json"},
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            if key != "config":
+                print(f"{key:>22}: {value:.3f}" if isinstance(value, float) else f"{key:>22}: {value}")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
