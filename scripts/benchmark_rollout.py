@@ -3,7 +3,7 @@
 A random-weight Llama, a random left-padded prompt batch, sampling with top_p = 1 / top_k = 0, exactly
 ``--new-tokens`` new tokens per row (``stop_at_eos=False``). One warm-up run of each backend, then
 ``--repeats`` rounds alternating the two; tokens/s = batch * new tokens / seconds of the best round
-(new tokens only). Example (the reference configuration of docs/benchmarks.md):
+(new tokens only; also reported per process-CPU-second). Example (the reference configuration of docs/benchmarks.md):
 
     python scripts/benchmark_rollout.py --vocab-size 8000 --hidden-size 256 --intermediate-size 688 \\
         --num-layers 4 --num-heads 4 --batch-size 8 --prompt-len 32 --new-tokens 64 --repeats 5 --json
@@ -86,23 +86,27 @@ def run(args) -> dict:
     model, input_ids, attention_mask, num_params = build_inputs(args)
     new_tokens = args.batch_size * args.new_tokens
 
-    def timed(backend: str) -> float:
-        start = time.perf_counter()
+    def timed(backend: str) -> tuple[float, float]:
+        """(wall seconds, process CPU seconds) of one rollout."""
+        start, start_cpu = time.perf_counter(), time.process_time()
         out = generate_rollout(
             model, input_ids, attention_mask, max_new_tokens=args.new_tokens, do_sample=True,
             eos_token_id=2, pad_token_id=0, backend=backend, stop_at_eos=False,
         )
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
         assert out.shape == [args.batch_size, args.prompt_len + args.new_tokens], out.shape
-        return seconds
+        return seconds, cpu_seconds
 
     backends = ("plain", args.backend)
     for backend in backends:
         timed(backend)  # warm-up
     seconds = {backend: [] for backend in backends}
+    cpu_seconds = {backend: [] for backend in backends}
     for _ in range(args.repeats):
         for backend in backends:
-            seconds[backend].append(timed(backend))
+            wall, cpu = timed(backend)
+            seconds[backend].append(wall)
+            cpu_seconds[backend].append(cpu)
     plain_tps = new_tokens / min(seconds["plain"])
     fast_tps = new_tokens / min(seconds[args.backend])
     return {
@@ -119,6 +123,9 @@ def run(args) -> dict:
         "plain_tokens_per_s_median": round(new_tokens / statistics.median(seconds["plain"]), 1),
         "accelerated_tokens_per_s_median": round(new_tokens / statistics.median(seconds[args.backend]), 1),
         "speedup": round(fast_tps / plain_tps, 2),
+        # New tokens per process-CPU-second: less sensitive to other load on a shared machine.
+        "plain_tokens_per_cpu_s": round(new_tokens / min(cpu_seconds["plain"]), 1),
+        "accelerated_tokens_per_cpu_s": round(new_tokens / min(cpu_seconds[args.backend]), 1),
     }
 
 

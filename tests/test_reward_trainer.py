@@ -339,27 +339,40 @@ def test_logged_accuracy_and_loss_are_interval_averages(tmp_path, tiny_assets, t
         assert record["loss"] == pytest.approx(np.mean(losses), rel=1e-5)
 
 
-@pytest.mark.slow
 def test_reward_model_learns_the_example_preferences(tmp_path, tiny_assets):
-    """Held-out accuracy on all 192 test pairs (unseen prompts) after one epoch over the 1088 training pairs.
-    Chance is 0.5 (binomial sd 0.036); the tiny random Llama reached 0.85 when this was written."""
+    """Held-out accuracy on all 192 test pairs (prompts unseen in training) after one epoch over 256 training
+    pairs (16 steps of 16 pairs, ~6 s). Chance is 0.5 (binomial sd 0.036 on 192 pairs); the tiny random Llama
+    reached 0.917 when this was written (0.86-0.92 over seeds 1-3), so 0.75 leaves a wide margin."""
     args = base_args(
-        tiny_assets, tmp_path / "out", train_datasets=TRAIN.format(n=1088), eval_datasets=TEST.format(n=192),
+        tiny_assets, tmp_path / "out", train_datasets=TRAIN.format(n=256), eval_datasets=TEST.format(n=192),
         max_steps=-1, num_train_epochs=1, per_device_train_batch_size=16, per_device_eval_batch_size=64,
-        learning_rate=1e-3, lr_scheduler_type="cosine", warmup_ratio=0.03, logging_steps=10,
+        learning_rate=1e-3, lr_scheduler_type="cosine", warmup_ratio=0.03, logging_steps=4,
+        eval_before_training=True,
     )  # fmt: skip
     metrics = main([write_args(tmp_path / "a.json", **args)])
-    print(f"held-out accuracy {metrics['eval_accuracy']:.4f}, train accuracy {metrics['train_accuracy']:.4f}")
+    print(f"held-out accuracy {metrics['initial_eval_accuracy']:.4f} -> {metrics['eval_accuracy']:.4f}")
     assert metrics["eval_accuracy"] >= 0.75
+    assert metrics["eval_accuracy"] > metrics["initial_eval_accuracy"] + 0.2
+    assert metrics["eval_loss"] < metrics["initial_eval_loss"]
 
 
 @pytest.mark.distributed
-def test_two_process_data_parallel_matches_one_process(tmp_path, tiny_assets):
+@pytest.mark.parametrize("normalize, rtol", [(False, 1e-5), (True, 1e-3)])
+def test_two_process_data_parallel_matches_one_process(tmp_path, tiny_assets, normalize, rtol):
     """2 ranks x 4 pairs vs 1 process x 8 pairs: same global batches (seeded sampler), same initial head
-    (set_seed), gradients averaged over ranks and normalizer statistics gathered from both ranks."""
+    (set_seed), gradients averaged over ranks, normalizer statistics gathered from both ranks.
+
+    The runs differ only by float rounding (each rank pads its rows to its own width, sums run in another
+    order). With affine normalization one parameter turns that noise into visible differences: the score
+    head's bias. The pairwise term is shift-invariant and the regularizer's bias gradient is proportional
+    to the mean normalized reward, which is ~0 because the statistics include the batch; so the bias
+    gradient is pure rounding noise (~1e-9, the size of Adam's epsilon) and Adam's first steps move the bias
+    by a noise-dependent fraction of the learning rate (measured: bias -4.4e-4 vs -6.6e-4 after 6 steps,
+    other weights within 4e-5). Hence the looser tolerance with normalization.
+    """
     common = dict(
         n_train=64, n_eval=40, max_steps=6, logging_steps=1, per_device_eval_batch_size=8,
-        normalize_score_during_training=True, normalizer_type="RunningMeanStd",
+        normalize_score_during_training=normalize, normalizer_type="RunningMeanStd",
     )  # fmt: skip
     one = base_args(tiny_assets, tmp_path / "one", per_device_train_batch_size=8, **common)
     two = base_args(tiny_assets, tmp_path / "two", per_device_train_batch_size=4, **common)
@@ -383,13 +396,14 @@ def test_two_process_data_parallel_matches_one_process(tmp_path, tiny_assets):
     loss_1, acc_1, eval_1 = curves(tmp_path / "one")
     loss_2, acc_2, eval_2 = curves(tmp_path / "two")
     assert len(loss_1) == len(loss_2) == 6 and loss_1[-1] < loss_1[0]
-    np.testing.assert_allclose(loss_2, loss_1, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(loss_2, loss_1, rtol=rtol, atol=1e-6)
     assert acc_2 == acc_1
     for key in ("eval_accuracy", "eval_rewards_mean", "eval_rewards_std", "eval_loss"):
-        assert eval_2[key] == pytest.approx(eval_1[key], rel=1e-4, abs=1e-5), key
-    config_1 = json.loads((tmp_path / "one" / "config.json").read_text())
-    config_2 = json.loads((tmp_path / "two" / "config.json").read_text())
-    np.testing.assert_allclose(config_2["mean"], config_1["mean"], rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(config_2["var"], config_1["var"], rtol=1e-4, atol=1e-6)
-    count_2 = load_file(str(tmp_path / "two" / "model.safetensors"))["normalizer.count"]
-    assert count_2.tolist() == [6 * 2 * 8]  # 6 steps x (better + worse) x 8 pairs: both ranks' rows
+        assert eval_2[key] == pytest.approx(eval_1[key], rel=10 * rtol, abs=1e-5), key
+    if normalize:
+        config_1 = json.loads((tmp_path / "one" / "config.json").read_text())
+        config_2 = json.loads((tmp_path / "two" / "config.json").read_text())
+        np.testing.assert_allclose(config_2["mean"], config_1["mean"], rtol=rtol, atol=1e-6)
+        np.testing.assert_allclose(config_2["var"], config_1["var"], rtol=rtol, atol=1e-6)
+        count_2 = load_file(str(tmp_path / "two" / "model.safetensors"))["normalizer.count"]
+        assert count_2.tolist() == [6 * 2 * 8]  # 6 steps x (better + worse) x 8 pairs: both ranks' rows

@@ -107,7 +107,7 @@ def test_trainer_loss_counts_answer_tokens_only(tiny_assets, tokenizer, tmp_path
     batch = dataset.get_collator(shift=True)(examples)
     with paddle.no_grad():
         loss = float(trainer.compute_loss(model, batch))
-        reference = float(model(**batch).loss)  # PaddleNLP's criterion expects pre-shifted labels
+        reference = float(model(**batch, return_dict=True).loss)  # PaddleNLP's criterion expects pre-shifted labels
 
     # Hand computation: each example alone (no padding), tokens after the prompt only.
     # Token t of the answer is predicted by the logits at position t - 1.
@@ -210,18 +210,20 @@ def test_run_sft_end_to_end_writes_a_loadable_model_and_metrics(tiny_assets, tmp
 
 @pytest.mark.slow
 def test_sft_learns_the_example_task(tiny_assets, tmp_path, in_repo):
-    """One epoch on data/alpaca/train.jsonl: held-out answer loss falls from ~ln(vocab) to near the data's entropy."""
+    """One epoch on data/alpaca/train.jsonl: held-out answer loss falls from ~ln(vocab) towards the data's entropy."""
     metrics = main(
         run_args(
             tiny_assets["llama"],
             str(tmp_path / "sft"),
             num_train_epochs=1,
-            evaluation_strategy="no",
+            per_device_train_batch_size=8,
+            learning_rate=5e-3,
             save_strategy="no",
             logging_steps=10,
         )
     )
-    # Random init: ~ln(1000) = 6.9 nats per answer token. The data's own entropy is ~0.35.
+    # Random init: about ln(vocab) = ln(1000) = 6.9 nats per answer token. The answers' own entropy
+    # (random style, opener, tip... given the prompt) is about 0.35 nats per token.
     assert metrics["initial_eval_loss"] > 6.0
     assert metrics["eval_loss"] < 1.0
     assert metrics["train_loss"] < 0.5 * metrics["initial_eval_loss"]
@@ -277,7 +279,7 @@ def test_lora_run_saves_adapters_and_an_equivalent_merged_model(tiny_assets, tmp
     [
         ({"train_datasets": ""}, "train_datasets: required with do_train"),
         ({"train_datasets": "no-such-dataset"}, "Unknown dataset name 'no-such-dataset'"),
-        ({"eval_datasets": "", "eval_split_ratio": "null"}, "eval_datasets: do_eval"),
+        ({"eval_datasets": ""}, "eval_datasets: do_eval"),
         ({"eval_split_ratio": 0.1}, "eval_split_ratio: give eval_datasets or eval_split_ratio, not both"),
         ({"eval_datasets": "", "eval_split_ratio": 1.5}, "eval_split_ratio: must be in (0, 1)"),
         ({"model_name_or_path": ""}, "model_name_or_path: required"),
@@ -288,9 +290,6 @@ def test_lora_run_saves_adapters_and_an_equivalent_merged_model(tiny_assets, tmp
 )
 def test_bad_arguments_are_reported_before_loading_anything(overrides, message, tmp_path, in_repo):
     argv = run_args("/does/not/exist", str(tmp_path / "out"), **overrides)
-    if overrides.get("eval_split_ratio") == "null":  # drop the override: keep the field unset
-        index = argv.index("--eval_split_ratio")
-        del argv[index : index + 2]
     with pytest.raises(ConfigError) as info:
         main(argv)
     assert message in str(info.value)
@@ -336,8 +335,7 @@ def test_two_process_data_parallel_matches_one_process(tiny_assets, tmp_path, in
     """Same global batch (1 x 8 vs 2 x 4), same steps: losses agree to within the data-order noise."""
     from alignment.parallel.launch import launch_distributed
 
-    common = dict(max_steps=12, learning_rate=3e-3, save_strategy="no", evaluation_strategy="no", logging_steps=1,
-                  per_device_eval_batch_size=16)  # fmt: skip
+    common = dict(max_steps=12, learning_rate=3e-3, save_strategy="no", logging_steps=1, per_device_eval_batch_size=16)
     single = str(tmp_path / "single")
     one = main(run_args(tiny_assets["llama"], single, per_device_train_batch_size=8, **common))
     double = str(tmp_path / "double")

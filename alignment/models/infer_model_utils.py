@@ -138,7 +138,6 @@ class LlamaKVDecoder:
         self.hidden = config.hidden_size
         self.head_dim = self.hidden // self.num_heads
         self.eps = config.rms_norm_eps
-        self.sqrt_head_dim = math.sqrt(self.head_dim)
 
         # Weight snapshot: shared tensors (the fused ones are concatenated unless the model is fused).
         self.embed = backbone.embed_tokens.weight
@@ -178,11 +177,17 @@ class LlamaKVDecoder:
             )
         # Generated token t (0-based) sits at position last_pos + 1 + t, like paddlenlp's generate.
         new_pos = last_pos + 1 + paddle.arange(max_new_tokens, dtype="int64").unsqueeze(0)  # [B, N]
-        # Broadcast shapes: [B, L, 1, 1, D] against q/k of shape [B, L, kv_heads, group + 1, D].
-        self.prompt_cos = cos_table[prompt_pos].unsqueeze([2, 3])
-        self.prompt_sin = sin_table[prompt_pos].unsqueeze([2, 3])
-        self.step_cos = paddle.unbind(cos_table[new_pos].transpose([1, 0, 2]).unsqueeze([2, 3, 4]))
-        self.step_sin = paddle.unbind(sin_table[new_pos].transpose([1, 0, 2]).unsqueeze([2, 3, 4]))
+        # Tables shaped [B, L, 1, group + 1, D] to broadcast against q|k of shape [B, L, kv, group + 1, D];
+        # the attention scale 1/sqrt(D) is folded into the query slots (RoPE is linear in q).
+        slot_scale = paddle.to_tensor([1.0 / math.sqrt(self.head_dim)] * self.group + [1.0]).reshape([1, 1, -1, 1])
+
+        def rope_table(table, positions):  # [B, L] -> [B, L, 1, group + 1, D]
+            rows = table[positions].unsqueeze(2)  # [B, L, 1, D]
+            return (rows.expand([*positions.shape, self.group + 1, self.head_dim]) * slot_scale).unsqueeze(2)
+
+        self.prompt_cos, self.prompt_sin = rope_table(cos_table, prompt_pos), rope_table(sin_table, prompt_pos)
+        self.step_cos = paddle.unbind(rope_table(cos_table, new_pos).transpose([1, 0, 2, 3, 4]).unsqueeze(2))
+        self.step_sin = paddle.unbind(rope_table(sin_table, new_pos).transpose([1, 0, 2, 3, 4]).unsqueeze(2))
 
         # Additive masks over the whole cache [B, 1, 1, L, T]: 0 = visible, finfo.min = hidden.
         neg = paddle.finfo(paddle.float32).min
@@ -222,10 +227,8 @@ class LlamaKVDecoder:
         key_cache, value_cache = self.key_cache[layer_index], self.value_cache[layer_index]
         key_cache[:, :, start : start + length] = k
         value_cache[:, :, start : start + length] = v
-        scores = paddle.matmul(q / self.sqrt_head_dim, key_cache, transpose_y=True)  # [B, kv, group * L, T]
-        scores = scores.reshape([batch, self.num_kv_heads, self.group, length, self.total_len]) + mask
-        probs = F.softmax(scores, axis=-1).reshape([batch, self.num_kv_heads, self.group * length, self.total_len])
-        context = paddle.matmul(probs, value_cache)  # [B, kv, group * L, D]
+        scores = paddle.matmul(q, key_cache, transpose_y=True) + mask  # [B, kv, group * L, T], q pre-scaled
+        context = paddle.matmul(F.softmax(scores, axis=-1), value_cache)  # [B, kv, group * L, D]
         if length == 1:
             context = context.reshape([batch, 1, self.hidden])
         else:
@@ -243,7 +246,9 @@ class LlamaKVDecoder:
         batch, length = hidden.shape[0], hidden.shape[1]
         cos = cos.expand([batch, length, self.num_kv_heads, self.group + 1, self.head_dim])
         sin = sin.expand([batch, length, self.num_kv_heads, self.group + 1, self.head_dim])
-        mask = mask.expand([batch, self.num_kv_heads, self.group, length, self.total_len])
+        mask = mask.expand([batch, self.num_kv_heads, self.group, length, self.total_len]).reshape(
+            [batch, self.num_kv_heads, self.group * length, self.total_len]
+        )
         residual = None
         for index, (ln1, qkv, out, ln2, gate_up, down) in enumerate(self.layers):
             if residual is None:

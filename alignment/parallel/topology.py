@@ -6,18 +6,22 @@ Design note
 ``TrainingArguments`` performs the same call for trainer runs; use ``init_hybrid_parallel`` when no
 ``TrainingArguments`` is involved (tests, eval scripts). It is the stock call on GPU. On CPU it adds two things:
 
-* ``gloo_safe_group_creation()``: with the gloo backend of paddle 3.3.1, creating two *disjoint* subgroups
-  concurrently (e.g. ``[0, 2]`` and ``[1, 3]``, which ``fleet.init`` does for every dimension once the world
-  has 4+ ranks) cross-wires their rendezvous: "Connection refused" / gloo TIMEOUT / hang (probed 4/4 runs
-  failing). A world barrier after every ``new_group`` serialises the rendezvous and fixes it (3/3 runs).
-  With 2 processes each dimension has a single group and the problem does not occur.
+* ``gloo_safe_group_creation()``: paddle 3.3.1 creates every gloo process group over the *same* default
+  TCP store, and gloo's full-mesh rendezvous uses keys named only by the in-group rank. Once groups with
+  different members exist (a world of 4+ ranks, e.g. ``[0, 2]`` and ``[1, 3]``) a rank can read another
+  group's address: "Connection refused", "address.cc:30 sizeof(impl_) == bytes.size()", gloo TIMEOUT or a
+  hang (probed: 4-process ``fleet.init`` failed in every run; serialising with barriers only made it flaky).
+  Inside the block each new gloo group gets its *own* ``TCPStore`` (hosted by the group's first rank, its
+  port published through the default store under a key that contains the unique group id), so rendezvous
+  keys can no longer collide. With 2 processes every dimension has one group and stock paddle works.
 * the gloo-capable model-parallel collectives (``enable_cpu_model_parallel``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
+import os
+import socket
 
 import paddle
 import paddle.distributed as dist
@@ -27,35 +31,54 @@ from alignment.parallel.tensor_parallel import enable_cpu_model_parallel
 
 __all__ = ["init_hybrid_parallel", "gloo_safe_group_creation"]
 
+_GROUP_STORES: list = []  # keep the per-group stores (and their servers) alive for the process lifetime
+_STORE_TIMEOUT_S = 900
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
 
 @contextlib.contextmanager
 def gloo_safe_group_creation():
-    """Within the block, every ``paddle.distributed.new_group`` is followed by a world barrier (CPU only).
+    """Within the block, every new gloo process group rendezvouses over its own TCP store (CPU only).
 
-    Wrap any code that creates several process groups on gloo, e.g. ``fleet.init`` or paddlenlp
-    ``TrainingArguments(...)`` with 4+ processes. A no-op on non-CPU devices. Requires every rank to create the
-    same groups in the same order (which ``fleet.init`` does).
+    Wrap code that creates several process groups on gloo, e.g. ``fleet.init`` or paddlenlp
+    ``TrainingArguments(...)`` with 4+ processes. A no-op on non-CPU devices; non-gloo backends untouched.
     """
     if not paddle.get_device().startswith("cpu"):
         yield
         return
     import paddle.distributed.collective as collective
+    from paddle.base import core
 
     if not dist.is_initialized():
         dist.init_parallel_env()
-    original = collective.new_group
+    original = collective._new_process_group_impl
+    host = os.environ.get("PADDLE_CURRENT_ENDPOINT", "127.0.0.1:0").split(":")[0] or "127.0.0.1"
 
-    @functools.wraps(original)
-    def new_group_then_barrier(*args, **kwargs):
-        group = original(*args, **kwargs)
-        dist.barrier()
-        return group
+    def create_with_own_store(backend, store, rank, world_size, group_name, pg_options, group_id=0, **kwargs):
+        if backend != "gloo":
+            return original(backend, store, rank, world_size, group_name, pg_options, group_id=group_id, **kwargs)
+        key = f"alignment.gloo_group_store.{group_id}"
+        if rank == 0:
+            port = _free_port(host)
+            own_store = core.TCPStore(host, port, True, world_size, _STORE_TIMEOUT_S)
+            store.set(key, f"{host}:{port}")
+        else:
+            address = store.get(key).decode()
+            own_host, port = address.rsplit(":", 1)
+            own_store = core.TCPStore(own_host, int(port), False, world_size, _STORE_TIMEOUT_S)
+        _GROUP_STORES.append(own_store)
+        return core.ProcessGroupGloo.create(own_store, rank, world_size, group_id)
 
-    paddle.distributed.new_group = collective.new_group = new_group_then_barrier
+    collective._new_process_group_impl = create_with_own_store
     try:
         yield
     finally:
-        paddle.distributed.new_group = collective.new_group = original
+        collective._new_process_group_impl = original
 
 
 def init_hybrid_parallel(

@@ -1,14 +1,15 @@
 """PPO on top of :class:`RLTrainer`: experience with KL-shaped rewards and GAE, clipped losses.
 
-Data flow of one rollout (shapes for B rows, prompt width S, total width L, T = L - 1)::
+Data flow of one rollout (B rows, prompt width S, total width L; "response columns" are the
+R = L - S positions t = start .. L-2 with start = S - 1, where column t holds token t + 1)::
 
-    sequences [B, L], attention_mask [B, L]        (prompt mask + response up to first EOS)
-    log_probs, ref_log_probs [B, T]                 (token t+1 under actor / reference)
-    reward [B]                                      (reward model end score)
-    values [B, T]                                   (critic value of the prefix ending at t)
-    sequence_mask [B, T]                            (response tokens only: t >= start = S - 1)
-    rewards [B, T]  = add_kl_divergence_regularization(...)
-    advantages, returns [B, T - start] = get_advantages_and_returns(...)
+    sequences [B, L], attention_mask [B, L]      prompt mask + response up to its first EOS
+    log_probs, ref_log_probs [B, R]              log-prob of token t+1 under actor / reference
+    reward [B]                                   reward-model end score
+    values [B, R]                                critic value of the prefix ending at token t
+    response_mask [B, R]                         generated tokens (EOS included, padding not)
+    rewards [B, R]       = add_kl_divergence_regularization(reward, log_probs, ref_log_probs, ...)
+    advantages, returns [B, R] = get_advantages_and_returns(values, rewards, response_mask, 0, ...)
 
 Then for every micro-batch: critic loss first, actor loss second (PaddleNLP's order). The math is
 in :mod:`alignment.models.ppo_model_utils`; this class only orchestrates.
@@ -35,7 +36,26 @@ from alignment.ppo.eval_utils import score_sequences
 from alignment.ppo.rl_trainer import RLTrainer, RolloutSettings
 from alignment.ppo.trainer_utils import StepTrainer
 
-__all__ = ["PPOTrainer"]
+__all__ = ["PPOTrainer", "response_logits"]
+
+
+def response_logits(
+    model: paddle.nn.Layer, input_ids: paddle.Tensor, attention_mask: paddle.Tensor, position_ids: paddle.Tensor, start: int
+) -> paddle.Tensor:
+    """``[B, L - 1 - start, V]`` logits at positions ``start .. L-2`` (predicting tokens ``start+1 ..``).
+
+    When the causal LM exposes its backbone and ``lm_head`` (PaddleNLP models do), the vocabulary
+    projection runs on those positions only: prompt positions never need logits, and the head is
+    the largest matmul of a small model. A wrapped model (``DataParallel``, fleet) runs its usual
+    full forward so its gradient hooks fire; the result is the same.
+    """
+    backbone = getattr(model, getattr(model, "base_model_prefix", "") or "", None)
+    head = getattr(model, "lm_head", None)
+    if backbone is None or head is None or getattr(model.config, "sequence_parallel", False):
+        logits = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, return_dict=True).logits
+        return logits[:, start:-1]
+    hidden = backbone(input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, return_dict=True)[0]
+    return head(hidden[:, start:-1], tensor_parallel_output=False)
 
 
 class PPOTrainer(RLTrainer):
@@ -84,14 +104,9 @@ class PPOTrainer(RLTrainer):
         """``[B, T - start]`` log-prob of tokens ``start+1 ..`` under ``model`` (no grad)."""
 
         def run(begin: int, end: int) -> paddle.Tensor:
-            logits = model(
-                input_ids[begin:end],
-                attention_mask=attention_mask[begin:end],
-                position_ids=position_ids[begin:end],
-                use_cache=False,
-                return_dict=True,
-            ).logits
-            return gather_log_probabilities(logits[:, start:-1], input_ids[begin:end, start + 1 :])
+            rows = slice(begin, end)
+            logits = response_logits(model, input_ids[rows], attention_mask[rows], position_ids[rows], start)
+            return gather_log_probabilities(logits, input_ids[rows, start + 1 :])
 
         return self.forward_chunks(run, input_ids.shape[0])
 
@@ -122,29 +137,29 @@ class PPOTrainer(RLTrainer):
         args = self.args
         start = prompt_input_ids.shape[1] - 1  # log_probs[:, start] is the first generated token
         position_ids = make_position_ids(attention_mask)
-        log_probs = self.log_probs_of(self.actor_trainer.model, sequences, attention_mask, position_ids)
+        log_probs = self.log_probs_of(self.actor_trainer.model, sequences, attention_mask, position_ids, start)
         with self.offload.use("freeze_model", self.reference_model):
-            ref_log_probs = self.log_probs_of(self.reference_model, sequences, attention_mask, position_ids)
+            ref_log_probs = self.log_probs_of(self.reference_model, sequences, attention_mask, position_ids, start)
         reward = self.reward_score(sequences, attention_mask)
-        values = self.values_of(self.critic_trainer.model, sequences, attention_mask, position_ids)
+        values = self.values_of(self.critic_trainer.model, sequences, attention_mask, position_ids, start)
 
-        sequence_mask = make_sequence_mask(attention_mask, start)
+        # Everything below lives on the response columns t = start .. L-2 only ([B, L-1-start]).
+        response_mask = make_sequence_mask(attention_mask, start)[:, start:]
         rewards = add_kl_divergence_regularization(
-            reward, log_probs, ref_log_probs, sequence_mask, args.kl_coeff, args.clip_range_score, args.clip_mode
+            reward, log_probs, ref_log_probs, response_mask, args.kl_coeff, args.clip_range_score, args.clip_mode
         )
         advantages, returns = get_advantages_and_returns(
-            values, rewards, sequence_mask, start, gamma=args.gamma, gae_lambda=args.gae_lambda
+            values, rewards, response_mask, 0, gamma=args.gamma, gae_lambda=args.gae_lambda
         )
-        response_mask = sequence_mask[:, start:]
-        kl = kl_divergence_per_sequence(log_probs, ref_log_probs, sequence_mask)
+        kl = kl_divergence_per_sequence(log_probs, ref_log_probs, response_mask)
         lengths = response_mask.astype("float32").sum(axis=-1)
         metrics = {
             "train/reward": float(reward.mean().item()),
             "train/kl_divergence": float(kl.mean().item()),
-            "train/reward_with_kl_penalty": float((rewards * sequence_mask.astype("float32")).sum(axis=-1).mean().item()),
+            "train/reward_with_kl_penalty": float((rewards * response_mask.astype("float32")).sum(axis=-1).mean().item()),
             "train/reward_advantage": float(masked_mean(advantages, response_mask).item()),
             "train/reward_return": float(masked_mean(returns, response_mask).item()),
-            "train/reward_value": float(masked_mean(values[:, start:], response_mask).item()),
+            "train/reward_value": float(masked_mean(values, response_mask).item()),
             "train/mean_generated_length": float(lengths.mean().item()),
             "train/max_generated_length": float(lengths.max().item()),
         }
@@ -152,8 +167,8 @@ class PPOTrainer(RLTrainer):
             "input_ids": sequences,
             "attention_mask": attention_mask,
             "position_ids": position_ids,
-            "old_log_probs": log_probs[:, start:],
-            "old_values": values[:, start:],
+            "old_log_probs": log_probs,
+            "old_values": values,
             "advantages": advantages,
             "returns": returns,
             "response_mask": response_mask,
@@ -190,8 +205,10 @@ class PPOTrainer(RLTrainer):
 
         actor = self.actor_trainer
         with actor.no_sync(actor_accumulating), actor.autocast():
-            logits = actor.model_wrapped(batch["input_ids"], use_cache=False, **inputs).logits
-            log_probs = gather_log_probabilities(logits[:, start:-1], batch["input_ids"][:, start + 1 :])
+            logits = response_logits(
+                actor.model_wrapped, batch["input_ids"], batch["attention_mask"], batch["position_ids"], start
+            )
+            log_probs = gather_log_probabilities(logits, batch["input_ids"][:, start + 1 :])
             actor_loss = actor_loss_fn(
                 log_probs, batch["old_log_probs"], batch["advantages"], batch["response_mask"],
                 args.clip_range_ratio, args.loss_mean_type,

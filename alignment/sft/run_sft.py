@@ -293,7 +293,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
     metrics: dict[str, float] = {}
     if training_args.do_train:
         if training_args.eval_before_training and eval_dataset is not None and resume is None:
-            metrics.update({f"initial_{key}": value for key, value in trainer.evaluate().items()})
+            initial = {f"initial_{key}": value for key, value in trainer.evaluate().items()}  # logged at step 0
+            metrics.update(initial)
+            trainer.save_metrics("initial_eval", initial)
         result = trainer.train(resume_from_checkpoint=resume)
         metrics.update(result.metrics)
         trainer.log_metrics("train", result.metrics)
