@@ -165,16 +165,22 @@ def test_single_stage_engine_matches_plain_gradient_accumulation(tmp_path):
     model = LlamaForCausalLM.from_pretrained(str(tmp_path / "ckpt"), tensor_parallel_output=False)
     criterion = LlamaPretrainingCriterion(model.config)
     stage = PipelineStage(model, 0, 1)
-    engine = PipelineEngine(stage, lambda logits, mb: criterion(logits, mb["labels"]), group=SINGLE_RANK_GROUP)
+    engine = PipelineEngine(stage, group=SINGLE_RANK_GROUP)  # loss_fn given per call below
+    with pytest.raises(ValueError, match="loss_fn"):
+        engine.forward_backward(batch, MICRO)
     optimizer = paddle.optimizer.AdamW(learning_rate=LR, epsilon=ADAM_EPS, parameters=stage.parameters())
     for step in range(STEPS):
-        loss = engine.forward_backward(batch, MICRO)
+        loss = engine.forward_backward(batch, MICRO, loss_fn=lambda logits, mb: criterion(logits, mb["labels"]))
         optimizer.step()
         optimizer.clear_grad()
         np.testing.assert_allclose(float(loss), reference["losses"][step], rtol=1e-6)
         np.testing.assert_allclose(engine.micro_batch_losses.numpy(), reference["micro_losses"][step], rtol=1e-6)
     for name, value in stage.state_dict().items():
         np.testing.assert_allclose(value.numpy(), reference["weights"][name], rtol=1e-5, atol=1e-6, err_msg=name)
+    logits = engine.eval_batch(batch, MICRO)
+    np.testing.assert_allclose(logits.numpy(), reference["logits"], rtol=1e-5, atol=1e-5)
+    eval_loss = engine.eval_batch(batch, MICRO, compute_loss=True, loss_fn=lambda lg, mb: criterion(lg, mb["labels"]))
+    np.testing.assert_allclose(float(eval_loss), reference["eval_loss"], rtol=1e-6)
 
 
 # ------------------------------------------------------------------------------- two processes

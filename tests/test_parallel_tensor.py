@@ -232,11 +232,8 @@ def test_enable_is_a_no_op_off_cpu(monkeypatch, restore_patches):
 def test_split_state_dict_shards_concatenate_back_to_the_full_weights():
     paddle.seed(4)
     full = {k: v.numpy() for k, v in LlamaForCausalLM(common.tiny_llama_config()).state_dict().items()}
-    shards = [
-        split_state_dict(LlamaForCausalLM, common.tiny_llama_config(tensor_parallel_degree=2, tensor_parallel_rank=r), full)
-        for r in range(2)
-    ]
-    row_split = {"llama.embed_tokens.weight", "llama.layers.0.self_attn.o_proj.weight", "llama.layers.0.mlp.down_proj.weight"}
+    configs = [common.tiny_llama_config(tensor_parallel_degree=2, tensor_parallel_rank=r) for r in range(2)]
+    shards = [split_state_dict(LlamaForCausalLM, config, full) for config in configs]
     for name, value in full.items():
         a, b = shards[0][name].numpy(), shards[1][name].numpy()
         if a.shape == value.shape:  # replicated (norms)
@@ -244,7 +241,8 @@ def test_split_state_dict_shards_concatenate_back_to_the_full_weights():
             np.testing.assert_array_equal(a, value)
             np.testing.assert_array_equal(b, value)
         else:
-            axis = 0 if name in row_split or "o_proj" in name or "down_proj" in name else 1
+            row_split = any(part in name for part in ("embed_tokens", "o_proj", "down_proj"))  # else column
+            axis = 0 if row_split else 1
             np.testing.assert_array_equal(np.concatenate([a, b], axis=axis), value, err_msg=name)
     assert shards[0]["lm_head.weight"].shape == [32, 32]  # column split of [hidden, vocab]
 

@@ -372,7 +372,7 @@ def test_two_process_data_parallel_matches_one_process(tmp_path, tiny_assets, no
     """
     common = dict(
         n_train=64, n_eval=40, max_steps=6, logging_steps=1, per_device_eval_batch_size=8,
-        normalize_score_during_training=normalize, normalizer_type="RunningMeanStd",
+        normalize_score_during_training=normalize, normalizer_type="RunningMeanStd", eval_before_training=True,
     )  # fmt: skip
     one = base_args(tiny_assets, tmp_path / "one", per_device_train_batch_size=8, **common)
     two = base_args(tiny_assets, tmp_path / "two", per_device_train_batch_size=4, **common)
@@ -391,6 +391,7 @@ def test_two_process_data_parallel_matches_one_process(tmp_path, tiny_assets, no
         records = read_metrics(str(out))
         logs = [r for r in records if "loss" in r]
         evals = [r for r in records if "eval_accuracy" in r]
+        assert [r["step"] for r in evals].count(0) == 1  # the initial evaluation, logged by rank 0 only
         return [r["loss"] for r in logs], [r["accuracy"] for r in logs], evals[-1]
 
     loss_1, acc_1, eval_1 = curves(tmp_path / "one")

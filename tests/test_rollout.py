@@ -286,6 +286,7 @@ def test_unsupported_model_falls_back_to_plain(caplog, monkeypatch):
         ({"max_new_tokens": 0}, "max_new_tokens"),
         ({"top_p": 0.0}, "top_p"),
         ({"num_return_sequences": 0}, "num_return_sequences"),
+        ({"eos_token_id": None}, "eos_token_id"),
         ({"attention_mask": paddle.ones([3, 5], dtype="int64")}, "attention_mask"),
     ],
 )

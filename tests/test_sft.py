@@ -332,10 +332,15 @@ def test_shipped_configs_parse():
 
 @pytest.mark.distributed
 def test_two_process_data_parallel_matches_one_process(tiny_assets, tmp_path, in_repo):
-    """Same global batch (1 x 8 vs 2 x 4), same steps: losses agree to within the data-order noise."""
+    """Same global batch (1 x 8 vs 2 x 4), same steps: same losses up to the per-rank token weighting."""
+    from paddlenlp.transformers import AutoModelForCausalLM
+
     from alignment.parallel.launch import launch_distributed
 
-    common = dict(max_steps=12, learning_rate=3e-3, save_strategy="no", logging_steps=1, per_device_eval_batch_size=16)
+    # Global batch = the whole 8-example training set, so both runs see the same examples at every
+    # step whatever the shuffle: they differ only in how a token mean is split over ranks.
+    common = dict(train_datasets="alpaca:8/-1:data/alpaca/train.jsonl", max_steps=12, learning_rate=1e-2,
+                  save_strategy="no", logging_steps=1, per_device_eval_batch_size=16)  # fmt: skip
     single = str(tmp_path / "single")
     one = main(run_args(tiny_assets["llama"], single, per_device_train_batch_size=8, **common))
     double = str(tmp_path / "double")
@@ -348,11 +353,13 @@ def test_two_process_data_parallel_matches_one_process(tiny_assets, tmp_path, in
         cwd=REPO_ROOT,
     )
     two = json.load(open(os.path.join(double, "all_results.json")))
-    # Both start from the same weights and see the same held-out set: identical initial eval.
+    # Same initial weights, same held-out set (sharded over 2 ranks and summed back): same start.
     np.testing.assert_allclose(two["initial_eval_loss"], one["initial_eval_loss"], rtol=1e-5)
-    # Different shuffles of the same data: final losses close, both far below the start.
-    np.testing.assert_allclose(two["eval_loss"], one["eval_loss"], rtol=0.05)
-    assert two["eval_loss"] < 0.5 * two["initial_eval_loss"]
-    assert os.path.exists(os.path.join(double, "config.json"))
-    records = read_metrics(double)
-    assert [r["step"] for r in records if "loss" in r] == list(range(1, 13))
+    # Per-step losses track each other (measured: within 2%); the final model is as good.
+    losses = {run: [r["loss"] for r in read_metrics(path) if "loss" in r] for run, path in (("one", single), ("two", double))}
+    assert len(losses["one"]) == len(losses["two"]) == 12
+    np.testing.assert_allclose(losses["two"], losses["one"], rtol=0.04)
+    np.testing.assert_allclose(two["eval_loss"], one["eval_loss"], rtol=0.01)
+    assert two["eval_loss"] < two["initial_eval_loss"] - 1.5
+    assert any(name.endswith(".safetensors") for name in os.listdir(double))
+    AutoModelForCausalLM.from_pretrained(double)

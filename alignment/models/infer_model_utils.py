@@ -5,13 +5,18 @@ of every rollout from the **current** parameters of the training model (shared t
 the fused QKV / gate-up matrices, which are concatenated once per rollout unless the model already uses
 ``fuse_attention_qkv`` / ``fuse_attention_ffn``), then decodes with
 
-* one matmul for Q, K and V and one for gate and up (``paddle.matmul`` on MKL),
-* a KV cache ``[B, kv_heads, S + N, head_dim]`` allocated once and written in place,
-* per-step RoPE tables and additive attention masks precomputed for the whole rollout (no per-step
-  gathers), with exactly the training forward's left-padding semantics: ``position_ids =
-  cumsum(mask) - 1`` clipped at 0, prompt pads masked with ``finfo.min``, generated tokens always visible,
-* GQA without ``repeat_kv`` (query heads grouped by their KV head and broadcast in the matmul),
-* ``fused_rms_norm`` (with the residual add fused in) instead of six elementwise ops per norm.
+* one matmul for Q, K and V and one for gate and up (``paddle.matmul`` on MKL);
+* a KV cache ``[B, kv_heads, S + N, head_dim]`` per layer, allocated once and written in place; every
+  step attends over all ``S + N`` columns (future ones masked): a prefix slice is a strided view that
+  ``matmul`` copies, which measured 3x (T=96) to 13x (T=576) slower than the full product;
+* RoPE tables and additive masks precomputed for the whole rollout, with exactly the training forward's
+  left-padding semantics (``position_ids = cumsum(mask) - 1`` clipped at 0, prompt pads masked with
+  ``finfo.min``, generated tokens always visible); the query slots of the tables carry ``1/sqrt(D)`` and
+  the value slot is ``cos = 1, sin = 0``, so one multiply-add ropes q and k, scales q and keeps v;
+* tables and masks ``expand``-ed to full shape once per step: Paddle's CPU elementwise kernels take
+  26-70 us when broadcasting over a middle axis and 2-6 us on equal shapes;
+* GQA without ``repeat_kv`` (query heads grouped under their KV head, broadcast in the matmul);
+* ``fused_rms_norm`` with the residual add fused in, instead of six elementwise ops per norm.
 
 ``fused_weight_mapping`` / ``FusedInferenceModel`` wire the GPU path: paddlenlp's
 ``LlamaForCausalLMInferenceModel`` (needs the ``paddlenlp_ops`` custom ops) fed with the training weights.
@@ -20,6 +25,7 @@ the fused QKV / gate-up matrices, which are concatenated once per rollout unless
 from __future__ import annotations
 
 import math
+import weakref
 
 import paddle
 import paddle.nn.functional as F
@@ -177,19 +183,22 @@ class LlamaKVDecoder:
             )
         # Generated token t (0-based) sits at position last_pos + 1 + t, like paddlenlp's generate.
         new_pos = last_pos + 1 + paddle.arange(max_new_tokens, dtype="int64").unsqueeze(0)  # [B, N]
-        # Tables shaped [B, L, 1, group + 1, D] to broadcast against q|k of shape [B, L, kv, group + 1, D];
-        # the attention scale 1/sqrt(D) is folded into the query slots (RoPE is linear in q).
-        slot_scale = paddle.to_tensor([1.0 / math.sqrt(self.head_dim)] * self.group + [1.0]).reshape([1, 1, -1, 1])
+        # Prompt tables [B, S, 1, group + 2, D] broadcast against the q|k|v slots [B, S, kv, group + 2, D]
+        # of the fused projection: query slots carry the attention scale 1/sqrt(D) (RoPE is linear in q),
+        # the value slot has cos = 1, sin = 0 (left unchanged, exactly), so one multiply-add covers all.
+        slot_scale = paddle.to_tensor([1.0 / math.sqrt(self.head_dim)] * self.group + [1.0, 0.0]).reshape([1, 1, -1, 1])
+        value_slot = paddle.to_tensor([0.0] * (self.group + 1) + [1.0]).reshape([1, 1, -1, 1])
 
-        def rope_table(table, positions):  # [B, L] -> [B, L, 1, group + 1, D]
-            rows = table[positions].unsqueeze(2)  # [B, L, 1, D]
-            return (rows.expand([*positions.shape, self.group + 1, self.head_dim]) * slot_scale).unsqueeze(2)
+        def rope_table(table, positions, value_fill):  # [B, L] -> [B, L, 1, group + 2, D]
+            rows = table[positions].unsqueeze(2).expand([*positions.shape, self.group + 2, self.head_dim])
+            return (rows * slot_scale + value_slot * value_fill).unsqueeze(2)
 
-        self.prompt_cos, self.prompt_sin = rope_table(cos_table, prompt_pos), rope_table(sin_table, prompt_pos)
-        self.step_cos = paddle.unbind(rope_table(cos_table, new_pos).transpose([1, 0, 2, 3, 4]).unsqueeze(2))
-        self.step_sin = paddle.unbind(rope_table(sin_table, new_pos).transpose([1, 0, 2, 3, 4]).unsqueeze(2))
+        self.prompt_cos, self.prompt_sin = rope_table(cos_table, prompt_pos, 1.0), rope_table(sin_table, prompt_pos, 0.0)
+        # Per decode step: [B, 1, group + 2, D] (the length axis dropped; see _attention's decode layout).
+        self.step_cos = paddle.unbind(rope_table(cos_table, new_pos, 1.0).transpose([1, 0, 2, 3, 4]))
+        self.step_sin = paddle.unbind(rope_table(sin_table, new_pos, 0.0).transpose([1, 0, 2, 3, 4]))
 
-        # Additive masks over the whole cache [B, 1, 1, L, T]: 0 = visible, finfo.min = hidden.
+        # Additive masks over the whole cache: 0 = visible, finfo.min = hidden.
         neg = paddle.finfo(paddle.float32).min
         key_visible = paddle.concat([mask, paddle.zeros([batch, max_new_tokens], dtype="bool")], axis=-1)
         causal = paddle.tril(paddle.ones([prompt_len, self.total_len], dtype="bool"))
@@ -200,7 +209,7 @@ class LlamaKVDecoder:
         step = paddle.arange(max_new_tokens).unsqueeze(1)  # [N, 1]
         step_visible = key_visible.unsqueeze(0) | ((generated >= 0) & (generated <= step)).unsqueeze(1)
         step_masks = paddle.where(step_visible, 0.0, neg).astype("float32")  # [N, B, T]
-        self.step_masks = paddle.unbind(step_masks.unsqueeze([2, 3, 4]))  # N x [B, 1, 1, 1, T]
+        self.step_masks = paddle.unbind(step_masks.unsqueeze([2, 3]))  # N x [B, 1, 1, T]
 
         cache_shape = [batch, self.num_kv_heads, self.total_len, self.head_dim]
         self.key_cache = [paddle.zeros(cache_shape, dtype="float32") for _ in self.layers]
@@ -210,17 +219,14 @@ class LlamaKVDecoder:
     def _attention(self, normed, qkv_weight, out_weight, layer_index, cos, sin, mask, start):
         """Self-attention of ``normed`` [B, L, H] written to cache columns ``[start, start + L)``."""
         batch, length = normed.shape[0], normed.shape[1]
-        mix = paddle.matmul(normed, qkv_weight).reshape(
-            [batch, length, self.num_kv_heads, self.group + 2, self.head_dim]
-        )
-        qk, v = paddle.split(mix, [self.group + 1, 1], axis=3)
-        qk = qk * cos + paddle.matmul(qk, self.rotate) * sin  # RoPE on queries and keys at once
-        q, k = paddle.split(qk, [self.group, 1], axis=3)
-        if length == 1:  # decode: [B, 1, kv, x, D] -> [B, kv, x, D] is a reshape
-            k = k.reshape([batch, self.num_kv_heads, 1, self.head_dim])
-            v = v.reshape([batch, self.num_kv_heads, 1, self.head_dim])
-            q = q.reshape([batch, self.num_kv_heads, self.group, self.head_dim])
+        mix = paddle.matmul(normed, qkv_weight)
+        if length == 1:  # decode: [B, kv, group + 2, D] is already the attention layout
+            mix = mix.reshape([batch, self.num_kv_heads, self.group + 2, self.head_dim])
         else:
+            mix = mix.reshape([batch, length, self.num_kv_heads, self.group + 2, self.head_dim])
+        mix = mix * cos + paddle.matmul(mix, self.rotate) * sin  # RoPE on q and k, scale on q, v unchanged
+        q, k, v = paddle.split(mix, [self.group, 1, 1], axis=-2)
+        if length > 1:  # prefill: [B, L, kv, x, D] -> [B, kv, x * L, D]
             k = k.squeeze(3).transpose([0, 2, 1, 3])
             v = v.squeeze(3).transpose([0, 2, 1, 3])
             q = q.transpose([0, 2, 3, 1, 4]).reshape([batch, self.num_kv_heads, self.group * length, self.head_dim])
@@ -241,14 +247,18 @@ class LlamaKVDecoder:
 
     def _forward(self, hidden, cos, sin, mask, start):
         """Run all layers on ``hidden`` [B, L, H]; returns next-token logits of the last position [B, V]."""
-        # Paddle's CPU elementwise kernels are ~10x slower when broadcasting over a middle axis than on
-        # equal shapes (30 us vs 3 us), so the RoPE tables and the mask are expanded once per call.
+        # Expanded once per call, not broadcast per layer (broadcasting elementwise ops are slow on CPU).
         batch, length = hidden.shape[0], hidden.shape[1]
-        cos = cos.expand([batch, length, self.num_kv_heads, self.group + 1, self.head_dim])
-        sin = sin.expand([batch, length, self.num_kv_heads, self.group + 1, self.head_dim])
-        mask = mask.expand([batch, self.num_kv_heads, self.group, length, self.total_len]).reshape(
-            [batch, self.num_kv_heads, self.group * length, self.total_len]
-        )
+        slots = [batch, self.num_kv_heads, self.group + 2, self.head_dim]  # decode layout of q|k|v
+        if length > 1:
+            slots.insert(1, length)
+        cos, sin = cos.expand(slots), sin.expand(slots)
+        if length == 1:  # step mask [B, 1, 1, T]; prompt mask [B, 1, 1, S, T] (query rows ordered group, then L)
+            mask = mask.expand([batch, self.num_kv_heads, self.group, self.total_len])
+        else:
+            mask = mask.expand([batch, self.num_kv_heads, self.group, length, self.total_len]).reshape(
+                [batch, self.num_kv_heads, self.group * length, self.total_len]
+            )
         residual = None
         for index, (ln1, qkv, out, ln2, gate_up, down) in enumerate(self.layers):
             if residual is None:
@@ -258,7 +268,7 @@ class LlamaKVDecoder:
             attn = self._attention(normed, qkv, out, index, cos, sin, mask, start)
             normed, residual = fused_rms_norm(attn, ln2, None, self.eps, 2, residual=residual)
             hidden = paddle.matmul(F.swiglu(paddle.matmul(normed, gate_up)), down)
-        last = (hidden[:, -1:] + residual[:, -1:]).squeeze(1)
+        last = (hidden + residual if length == 1 else hidden[:, -1:] + residual[:, -1:]).reshape([batch, self.hidden])
         return paddle.matmul(fused_rms_norm(last, self.final_norm, None, self.eps, 1)[0], self.lm_head)
 
     def prefill(self) -> paddle.Tensor:
@@ -364,7 +374,7 @@ class FusedInferenceModel:
     repetition penalty sees generated tokens only. Not exercised on CPU-only CI (no ``paddlenlp_ops``).
     """
 
-    _instances: dict = {}
+    _instances: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
     def __init__(self, model):
         missing = fused_runtime_missing()
@@ -377,7 +387,7 @@ class FusedInferenceModel:
         config.quant_type = None
         config.weight_only_quant_bits = -1
         config.single_card_ptq = True
-        self.model = model
+        self.model = weakref.proxy(model)  # the cache is keyed weakly by the same model
         self.dtype = model.llama.embed_tokens.weight.dtype
         default_dtype = paddle.get_default_dtype()
         paddle.set_default_dtype(self.dtype)
@@ -390,10 +400,9 @@ class FusedInferenceModel:
     @classmethod
     def for_model(cls, model) -> "FusedInferenceModel":
         """The cached instance for ``model`` (created on first use)."""
-        key = id(model)
-        if key not in cls._instances or cls._instances[key].model is not model:
-            cls._instances[key] = cls(model)
-        return cls._instances[key]
+        if model not in cls._instances:
+            cls._instances[model] = cls(model)
+        return cls._instances[model]
 
     def _inputs(self, input_ids, attention_mask, max_new_tokens, params, eos_token_id, pad_token_id):
         """Left-padded prompts -> the right-padded inputs of the fused ``generate`` (upstream predictor layout)."""

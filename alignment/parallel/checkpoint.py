@@ -9,9 +9,11 @@ What this module adds is safe memory handling and the missing pieces:
 * **Split on load** (TP=1 checkpoint -> TP=n model): ``load_tensor_parallel_pretrained``. paddlenlp 2.8.1's
   ``from_pretrained(..., tensor_parallel_degree=n)`` on a ``model.safetensors`` checkpoint wraps temporary
   numpy slices with ``paddle.Tensor(..., zero_copy=True)`` (``model_utils.load_state_dict``, ``device="cpu"``);
-  on paddle 3.3.1 CPU that memory is reused and some split weights come out corrupted (observed: rank 0's
-  ``gate_proj``/``up_proj``/``lm_head``). We read each weight's slice ourselves and copy it. On GPU the stock
-  ``from_pretrained`` copies to the device immediately and can be used as is.
+  with paddle 3.3.1 that memory is not kept alive and some split weights come out corrupted (observed on
+  CPU in every run: rank 0's ``gate_proj``/``up_proj``/``lm_head`` of a tiny Llama; ``model_state.pdparams``
+  checkpoints go through ``convert_tensor_parallel`` and load correctly). We read each weight's slice
+  ourselves and copy it. The stock loader takes the same host-side path on GPU machines, so prefer this
+  function there as well (not verified on GPU here).
 * **Merge on save** (TP=n model -> TP=1 checkpoint): stock ``model.save_pretrained(dir,
   merge_tensor_parallel=True)`` works on CPU/gloo (verified) and writes the standard layout on mp rank 0.
 * **Offline merge** of per-rank files (``model.tp00.safetensors`` … as written by ``save_pretrained``
@@ -126,7 +128,7 @@ def load_tensor_parallel_pretrained(
 
     Each rank reads only its slices (safetensors) using the model's tensor-parallel split rules. Requires the
     model-parallel group to exist (``fleet.init`` with ``mp_degree == tensor_parallel_degree``) when the
-    degree is > 1. ``config_overrides`` go to the config (e.g. ``tensor_parallel_output=False``, ``dtype``).
+    degree is > 1. ``config_overrides`` go to the config (e.g. ``tensor_parallel_output=False``).
     """
     if not 0 <= tensor_parallel_rank < tensor_parallel_degree:
         raise ValueError(
@@ -138,7 +140,9 @@ def load_tensor_parallel_pretrained(
         raise FileNotFoundError(f"checkpoint_dir: no config.json in {checkpoint_dir}")
     saved_degree = json.loads((checkpoint_dir / "config.json").read_text()).get("tensor_parallel_degree", 1)
     if saved_degree not in (1, -1, None):
-        raise ValueError(f"checkpoint_dir: expected a TP=1 checkpoint, config says tensor_parallel_degree={saved_degree}")
+        raise ValueError(
+            f"checkpoint_dir: expected a TP=1 checkpoint, config says tensor_parallel_degree={saved_degree}"
+        )
     config = model_class.config_class.from_pretrained(
         str(checkpoint_dir),
         tensor_parallel_degree=tensor_parallel_degree,
@@ -146,7 +150,9 @@ def load_tensor_parallel_pretrained(
         **config_overrides,
     )
     model = model_class(config)
-    actions = model_class.get_tensor_parallel_convert_actions(config, keys, is_split=True) if tensor_parallel_degree > 1 else {}
+    actions = {}
+    if tensor_parallel_degree > 1:
+        actions = model_class.get_tensor_parallel_convert_actions(config, keys, is_split=True)
     state = {k: paddle.to_tensor(v) for k, v in read_checkpoint(checkpoint_dir, actions).items()}
     missing, unexpected = model.set_state_dict(state)
     _check_load(model, missing, unexpected, f"checkpoint_dir {checkpoint_dir}")

@@ -19,6 +19,8 @@ function                      forward                     backward
 ``mp_split``                  keep own slice of last dim  all-gather + concat last dim
 ``mp_concat``                 all-gather + concat last    keep own slice of last dim
 ``vocab_parallel_cross_entropy``  softmax-CE over a vocab sharded on the last dim (3 all-reduces)
+``vocab_parallel_lookup``     rows of this rank's vocab shard, zeros for other ids (no communication;
+                              ``VocabParallelEmbedding`` sums it with ``mp_allreduce``)
 ============================  ==========================  ==============================
 
 The "identity backward" of ``mp_allreduce`` is correct because every rank of the model-parallel group holds
@@ -28,8 +30,6 @@ the same replicated computation downstream of the reduction, so each rank alread
 """
 
 from __future__ import annotations
-
-from typing import Optional
 
 import paddle
 import paddle.distributed as dist
@@ -41,6 +41,7 @@ __all__ = [
     "mp_split",
     "mp_concat",
     "vocab_parallel_cross_entropy",
+    "vocab_parallel_lookup",
     "vocab_shard_range",
 ]
 
@@ -203,9 +204,7 @@ def vocab_parallel_cross_entropy(
     return loss
 
 
-def vocab_parallel_lookup(
-    table: paddle.Tensor, ids: paddle.Tensor, start_index: int = 0, vocab_size: Optional[int] = None
-) -> paddle.Tensor:
+def vocab_parallel_lookup(table: paddle.Tensor, ids: paddle.Tensor, start_index: int = 0) -> paddle.Tensor:
     """Rows of a vocab-sharded embedding table; ids outside this shard give zero rows.
 
     Args:

@@ -23,8 +23,9 @@ use this small engine. It is an honest pipeline, not a simulation:
   stage builds the 4-D attention mask from the 2-D ``attention_mask`` itself, exactly as ``LlamaModel`` does.
 * Not supported (clear errors): tied input/output embeddings across stages, sequence parallel, alibi,
   KV-cache generation through the pipeline (gather the full model with ``gather_pipeline_state_dict`` and
-  generate with a non-pipeline eval model instead). Data parallel on top: all-reduce gradients over the dp
-  group after ``forward_backward`` as usual.
+  generate with a non-pipeline eval model instead). Data parallel on top: all-reduce the stage's gradients
+  over the dp group after ``forward_backward`` (e.g. paddle's ``fused_allreduce_gradients``); not exercised
+  by the CPU tests.
 """
 
 from __future__ import annotations
@@ -281,21 +282,30 @@ class PipelineEngine:
             _send_with_meta(output.detach(), self._next, self.group)
         return received, output
 
-    def forward_backward(self, batch: Mapping[str, object], num_micro_batches: int = 1) -> paddle.Tensor:
+    def _loss_fn(self, loss_fn: Optional[LossFn]) -> LossFn:
+        loss_fn = loss_fn if loss_fn is not None else self.loss_fn
+        if loss_fn is None:
+            raise ValueError("loss_fn: pass one to PipelineEngine or to this call")
+        return loss_fn
+
+    def forward_backward(
+        self, batch: Mapping[str, object], num_micro_batches: int = 1, loss_fn: Optional[LossFn] = None
+    ) -> paddle.Tensor:
         """One training step's forward + backward over ``num_micro_batches`` (gradients accumulate).
 
         Gradients equal those of ``mean_i loss_fn(model(mb_i), mb_i)`` on an unsplit model; the caller runs
-        ``optimizer.step()`` / ``clear_grad()``. Returns that mean loss (float32 scalar) on every stage;
-        ``self.micro_batch_losses`` holds the per-micro-batch losses ``[num_micro_batches]``.
+        ``optimizer.step()`` / ``clear_grad()`` (several calls before one step accumulate, e.g. an actor
+        batch and a ptx batch with different ``loss_fn``). ``loss_fn`` overrides the engine's for this call.
+        Returns that mean loss (float32 scalar) on every stage; ``self.micro_batch_losses`` holds the
+        per-micro-batch losses ``[num_micro_batches]``.
         """
-        if self.loss_fn is None:
-            raise ValueError("loss_fn: PipelineEngine needs a loss_fn for forward_backward")
+        loss_fn = self._loss_fn(loss_fn)
         micro_batches = split_micro_batches(batch, num_micro_batches)
         saved, losses = [], []
         for micro_batch in micro_batches:
             received, output = self._forward_micro(micro_batch)
             if self.stage.is_last:
-                loss = self.loss_fn(output, micro_batch)
+                loss = loss_fn(output, micro_batch)
                 if int(paddle.numel(loss)) != 1:
                     raise ValueError(f"loss_fn must return a scalar, got shape {list(loss.shape)}")
                 losses.append(loss.detach().astype("float32").reshape([]))
@@ -309,22 +319,27 @@ class PipelineEngine:
                 dist.recv(grad, src=self._next, group=self.group)
                 output.backward(grad)
             if received is not None:
-                dist.send(received.grad, dst=self._prev, group=self.group)
+                dist.send(received.grad.contiguous(), dst=self._prev, group=self.group)
         stacked = paddle.stack(losses) if self.stage.is_last else None
         self.micro_batch_losses = self._from_last_stage(stacked)
         return self.micro_batch_losses.mean()
 
     @paddle.no_grad()
     def eval_batch(
-        self, batch: Mapping[str, object], num_micro_batches: int = 1, compute_loss: bool = False
+        self,
+        batch: Mapping[str, object],
+        num_micro_batches: int = 1,
+        compute_loss: bool = False,
+        loss_fn: Optional[LossFn] = None,
     ) -> paddle.Tensor:
         """Forward only. Returns, on every stage, the head outputs concatenated over micro-batches along
-        axis 0 (e.g. logits ``[B, L, V]``), or the mean ``loss_fn`` value if ``compute_loss``."""
+        axis 0 (e.g. logits ``[B, L, V]``), or the mean loss over micro-batches if ``compute_loss``."""
+        loss_fn = self._loss_fn(loss_fn) if compute_loss else None
         outputs = []
         for micro_batch in split_micro_batches(batch, num_micro_batches):
             _, output = self._forward_micro(micro_batch)
             if self.stage.is_last:
-                outputs.append(self.loss_fn(output, micro_batch).reshape([]) if compute_loss else output)
+                outputs.append(loss_fn(output, micro_batch).reshape([]) if compute_loss else output)
         result = None
         if self.stage.is_last:
             result = paddle.stack(outputs).mean() if compute_loss else paddle.concat(outputs, axis=0)

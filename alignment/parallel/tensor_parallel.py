@@ -33,7 +33,7 @@ from alignment.parallel import collectives
 
 __all__ = ["enable_cpu_model_parallel", "disable_cpu_model_parallel", "cpu_model_parallel_enabled"]
 
-# (module path, attribute) pairs whose originals are saved on first install.
+# Modules whose attributes are replaced; originals are saved in ``_originals`` on install.
 _PATCH_SITES = (
     "paddle.distributed.fleet.layers.mpu.mp_ops",
     "paddle.distributed.collective",
@@ -79,7 +79,7 @@ def _c_concat(tensor, group=None):
 
 
 def _c_lookup_table(table, index, start_index=0, vocab_size=-1, name=None):
-    return collectives.vocab_parallel_lookup(table, index, start_index, vocab_size)
+    return collectives.vocab_parallel_lookup(table, index, start_index)
 
 
 def _c_softmax_with_cross_entropy(logits, label, group=None, return_softmax=False, ignore_index=-100):

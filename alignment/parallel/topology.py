@@ -65,11 +65,11 @@ def gloo_safe_group_creation():
         key = f"alignment.gloo_group_store.{group_id}"
         if rank == 0:
             port = _free_port(host)
+            store.set(key, f"{host}:{port}")  # publish first: the master's constructor waits for the clients
             own_store = core.TCPStore(host, port, True, world_size, _STORE_TIMEOUT_S)
-            store.set(key, f"{host}:{port}")
         else:
-            address = store.get(key).decode()
-            own_host, port = address.rsplit(":", 1)
+            store.wait(key)
+            own_host, port = store.get(key).decode().rsplit(":", 1)
             own_store = core.TCPStore(own_host, int(port), False, world_size, _STORE_TIMEOUT_S)
         _GROUP_STORES.append(own_store)
         return core.ProcessGroupGloo.create(own_store, rank, world_size, group_id)

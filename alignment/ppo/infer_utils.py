@@ -345,6 +345,10 @@ def generate_rollout(
         )
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}.")
+    for name, value in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"{name} must be an int, got {value!r}.")
+    eos_token_id, pad_token_id = int(eos_token_id), int(pad_token_id)
     if not isinstance(num_return_sequences, int) or num_return_sequences < 1:
         raise ValueError(f"num_return_sequences must be an int >= 1, got {num_return_sequences!r}.")
     params = SamplingParams.create(do_sample, temperature, top_p, top_k, repetition_penalty)

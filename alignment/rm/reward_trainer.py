@@ -227,6 +227,10 @@ class RewardTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, RewardTrainingArguments):
             raise TypeError(f"RewardTrainer needs RewardTrainingArguments, got {type(self.args).__name__}")
+        # PaddleNLP sets these only when training starts; until then every rank would claim to be the main
+        # process, and callbacks would log an evaluation run before training (eval_before_training) twice.
+        self.state.is_world_process_zero = self.is_world_process_zero()
+        self.state.is_local_process_zero = self.is_local_process_zero()
         self._interval_accuracy = PairCounter()
         self._run_accuracy = PairCounter()
 

@@ -4,7 +4,8 @@ Usage: python -m paddle.distributed.launch --nproc_per_node 4 parallel_hybrid.py
 
 Each rank loads its TP shard of the TP=1 checkpoint, keeps its pipeline stage, trains STEPS AdamW steps over
 MICRO micro-batches (LM loss inside the pipeline), then gathers the full TP=1 model (pipeline gather, then
-tensor-parallel gather). Writes rank<r>.json (losses, topology), rank<r>_logits.npy (eval logits) and, on rank 0, gathered.npz.
+tensor-parallel gather). Writes rank<r>.json (losses, topology), rank<r>_logits.npy (eval logits) and, on
+rank 0, gathered.npz.
 """
 
 import os

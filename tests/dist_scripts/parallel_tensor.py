@@ -47,7 +47,8 @@ def main(ckpt: str, data: str, out_dir: str) -> None:
     optimizer.step()
     optimizer.clear_grad()
     with paddle.no_grad():
-        arrays["logits_after"] = model(batch["input_ids"], attention_mask=batch["attention_mask"], return_dict=False)[0].numpy()
+        logits_after = model(batch["input_ids"], attention_mask=batch["attention_mask"], return_dict=False)[0]
+    arrays["logits_after"] = logits_after.numpy()
 
     gathered = gather_tensor_parallel_state_dict(LlamaForCausalLM, model.config, model.state_dict())
     if rank == 0:
