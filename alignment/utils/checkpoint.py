@@ -209,9 +209,8 @@ def rotate_checkpoints(output_dir: str, save_total_limit: int | None, keep: str 
     """
     deleted = []
     # Called by the one saving process after publishing: any scratch left now is from a crash.
-    for stale in glob.glob(os.path.join(output_dir, "checkpoint-*.tmp*")) + glob.glob(
-        os.path.join(output_dir, "checkpoint-*.old-*")
-    ):
+    patterns = ("checkpoint-*.tmp*", "checkpoint-*.old-*", ".saving-checkpoint-*")
+    for stale in [path for pattern in patterns for path in glob.glob(os.path.join(output_dir, pattern))]:
         shutil.rmtree(stale, ignore_errors=True)
         deleted.append(stale)
     if not save_total_limit or save_total_limit <= 0:

@@ -1,0 +1,97 @@
+"""Reliability for stages built on PaddleNLP's ``Trainer`` (SFT, reward model).
+
+``ReliableTrainerMixin`` goes before ``Trainer`` in the bases of a stage trainer and adds:
+
+* **atomic checkpoints**: ``Trainer._save_checkpoint`` (paddlenlp 2.8.1) writes in place, so a
+  crash mid-save leaves a ``checkpoint-N`` that looks complete. Here it writes into a hidden scratch
+  directory; a manifest is added and the directory renamed only when every rank is done. Old
+  checkpoints rotate by ``save_total_limit`` only after that (the best one is kept).
+* **non-finite loss detection**: a NaN/inf training loss stops the run at the step it happens,
+  before the optimizer applies it, with a summary of the offending batch.
+
+Loading a checkpoint to resume goes through PaddleNLP's own code, which reads Paddle's
+pickle-based ``optimizer.pdopt``/``rng_state.pth``; it only happens when the user asks for it
+(``resume_from_checkpoint``) on checkpoints they wrote, after :func:`verify_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from typing import Any
+
+import paddle
+import paddle.distributed as dist
+
+from alignment.utils.checkpoint import publish_directory, rotate_checkpoints
+
+__all__ = ["ReliableTrainerMixin", "NonFiniteLossError", "batch_summary"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or inf; the weights were not updated with it."""
+
+
+def batch_summary(inputs: dict[str, Any]) -> dict[str, Any]:
+    """Shapes and a few statistics of a batch, small enough for a log line."""
+    summary = {}
+    for key, value in inputs.items():
+        if isinstance(value, paddle.Tensor):
+            entry: dict[str, Any] = {"shape": list(value.shape), "dtype": str(value.dtype).replace("paddle.", "")}
+            if value.dtype in (paddle.int64, paddle.int32):
+                entry["min"], entry["max"] = int(value.min().item()), int(value.max().item())
+            elif value.dtype == paddle.bool:
+                entry["true"] = int(value.astype("int64").sum().item())
+            summary[key] = entry
+    return summary
+
+
+def _barrier() -> None:
+    if dist.get_world_size() > 1:
+        dist.barrier()
+
+
+class ReliableTrainerMixin:
+    """Atomic checkpoints and non-finite loss detection for a ``paddlenlp.trainer.Trainer``."""
+
+    def training_step(self, model, inputs):  # noqa: D401 - Trainer hook
+        loss = super().training_step(model, inputs)
+        value = float(loss.item()) if isinstance(loss, paddle.Tensor) else float(loss)
+        if not math.isfinite(value):
+            raise NonFiniteLossError(
+                f"training loss is {value} at step {self.state.global_step} (before the optimizer step: "
+                f"the weights and the last checkpoint are intact). Batch: {json.dumps(batch_summary(inputs))}. "
+                "Lower the learning rate, check the data, or use bf16 instead of fp16."
+            )
+        return loss
+
+    def _save_checkpoint(self, model, metrics=None):  # noqa: D401 - Trainer hook
+        args = self.args
+        final_parent = args.output_dir
+        folder = f"checkpoint-{self.state.global_step}"
+        scratch_parent = os.path.join(final_parent, f".saving-{folder}")
+        if dist.get_rank() == 0:
+            shutil.rmtree(scratch_parent, ignore_errors=True)
+            os.makedirs(scratch_parent)
+        _barrier()
+        limit = args.save_total_limit
+        args.output_dir, args.save_total_limit = scratch_parent, None  # write there, rotate later
+        try:
+            super()._save_checkpoint(model, metrics)
+        finally:
+            args.output_dir, args.save_total_limit = final_parent, limit
+        final = os.path.join(final_parent, folder)
+        scratch = os.path.join(scratch_parent, folder)
+        best = self.state.best_model_checkpoint
+        if best and os.path.abspath(best) == os.path.abspath(scratch):
+            self.state.best_model_checkpoint = final
+        _barrier()
+        if dist.get_rank() == 0:
+            if args.should_save:
+                self.state.save_to_json(os.path.join(scratch, "trainer_state.json"))
+            publish_directory(scratch, final)
+            shutil.rmtree(scratch_parent, ignore_errors=True)
+            rotate_checkpoints(final_parent, limit, keep=self.state.best_model_checkpoint)
+        _barrier()
