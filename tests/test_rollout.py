@@ -23,6 +23,7 @@ from alignment.ppo.infer_utils import (
     apply_repetition_penalty,
     generate_rollout,
     next_token_probs,
+    sample_categorical,
     select_next_tokens,
     token_presence,
     top_p_filter,
@@ -205,6 +206,16 @@ def test_sampled_frequencies_match_target_distribution():
     frequencies = np.bincount(tokens, minlength=5) / draws
     # binomial std <= sqrt(0.25 / 30000) = 0.0029; 0.012 is four of them.
     np.testing.assert_allclose(frequencies, [0.4 / 0.9, 0.3 / 0.9, 0.2 / 0.9, 0.0, 0.0], atol=0.012)
+
+
+def test_blockwise_categorical_draws_match_weights():
+    # block=4 splits the 10 tokens into blocks [0..3], [4..7], [8..9] (last one partial); weights sum to 1.
+    weights = np.array([0.1, 0.0, 0.2, 0.05, 0.0, 0.0, 0.3, 0.1, 0.15, 0.1], dtype=np.float32)
+    draws = 50000
+    tokens = sample_categorical(np.tile(weights, (draws, 1)), np.random.default_rng(1), block=4)
+    frequencies = np.bincount(tokens, minlength=10) / draws
+    assert frequencies[[1, 4, 5]].sum() == 0.0  # zero-weight tokens are never drawn
+    np.testing.assert_allclose(frequencies, weights, atol=0.01)  # binomial std <= 0.0021
 
 
 def test_rollout_samples_follow_the_model_distribution():

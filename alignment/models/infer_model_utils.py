@@ -190,8 +190,9 @@ class LlamaKVDecoder:
         value_slot = paddle.to_tensor([0.0] * (self.group + 1) + [1.0]).reshape([1, 1, -1, 1])
 
         def rope_table(table, positions, value_fill):  # [B, L] -> [B, L, 1, group + 2, D]
-            rows = table[positions].unsqueeze(2).expand([*positions.shape, self.group + 2, self.head_dim])
-            return (rows * slot_scale + value_slot * value_fill).unsqueeze(2)
+            shape = [*positions.shape, self.group + 2, self.head_dim]
+            rows = table[positions].unsqueeze(2).expand(shape)
+            return (rows * slot_scale.expand(shape) + value_slot.expand(shape) * value_fill).unsqueeze(2)
 
         self.prompt_cos, self.prompt_sin = rope_table(cos_table, prompt_pos, 1.0), rope_table(sin_table, prompt_pos, 0.0)
         # Per decode step: [B, 1, group + 2, D] (the length axis dropped; see _attention's decode layout).
@@ -211,9 +212,10 @@ class LlamaKVDecoder:
         step_masks = paddle.where(step_visible, 0.0, neg).astype("float32")  # [N, B, T]
         self.step_masks = paddle.unbind(step_masks.unsqueeze([2, 3]))  # N x [B, 1, 1, T]
 
-        cache_shape = [batch, self.num_kv_heads, self.total_len, self.head_dim]
-        self.key_cache = [paddle.zeros(cache_shape, dtype="float32") for _ in self.layers]
-        self.value_cache = [paddle.zeros(cache_shape, dtype="float32") for _ in self.layers]
+        # KV caches [B, kv, S + N, D] per layer, created by prefill() (prompt columns || this zero tail).
+        self.cache_tail = paddle.zeros([batch, self.num_kv_heads, max_new_tokens, self.head_dim], dtype="float32")
+        self.key_cache = [None] * len(self.layers)
+        self.value_cache = [None] * len(self.layers)
 
     # -- one transformer layer on L new tokens --------------------------------------------------------
     def _attention(self, normed, qkv_weight, out_weight, layer_index, cos, sin, mask, start):
@@ -230,9 +232,13 @@ class LlamaKVDecoder:
             k = k.squeeze(3).transpose([0, 2, 1, 3])
             v = v.squeeze(3).transpose([0, 2, 1, 3])
             q = q.transpose([0, 2, 3, 1, 4]).reshape([batch, self.num_kv_heads, self.group * length, self.head_dim])
+        if start == 0:  # prefill creates the cache: concat is ~15x faster than set_value for a whole prompt
+            self.key_cache[layer_index] = paddle.concat([k, self.cache_tail], axis=2)
+            self.value_cache[layer_index] = paddle.concat([v, self.cache_tail], axis=2)
+        else:
+            self.key_cache[layer_index][:, :, start : start + length] = k
+            self.value_cache[layer_index][:, :, start : start + length] = v
         key_cache, value_cache = self.key_cache[layer_index], self.value_cache[layer_index]
-        key_cache[:, :, start : start + length] = k
-        value_cache[:, :, start : start + length] = v
         scores = paddle.matmul(q, key_cache, transpose_y=True) + mask  # [B, kv, group * L, T], q pre-scaled
         context = paddle.matmul(F.softmax(scores, axis=-1), value_cache)  # [B, kv, group * L, D]
         if length == 1:

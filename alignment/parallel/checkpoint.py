@@ -14,6 +14,7 @@ What this module adds is safe memory handling and the missing pieces:
   checkpoints go through ``convert_tensor_parallel`` and load correctly). We read each weight's slice
   ourselves and copy it. The stock loader takes the same host-side path on GPU machines, so prefer this
   function there as well (not verified on GPU here).
+  ``load_pretrained_model`` picks the loader: this one for TP > 1 on CPU, stock ``from_pretrained`` otherwise.
 * **Merge on save** (TP=n model -> TP=1 checkpoint): stock ``model.save_pretrained(dir,
   merge_tensor_parallel=True)`` works on CPU/gloo (verified) and writes the standard layout on mp rank 0.
 * **Offline merge** of per-rank files (``model.tp00.safetensors`` … as written by ``save_pretrained``
@@ -35,6 +36,7 @@ import paddle
 import paddle.distributed as dist
 
 __all__ = [
+    "load_pretrained_model",
     "load_tensor_parallel_pretrained",
     "split_state_dict",
     "gather_tensor_parallel_state_dict",
@@ -143,12 +145,12 @@ def load_tensor_parallel_pretrained(
         raise ValueError(
             f"checkpoint_dir: expected a TP=1 checkpoint, config says tensor_parallel_degree={saved_degree}"
         )
-    config = model_class.config_class.from_pretrained(
-        str(checkpoint_dir),
-        tensor_parallel_degree=tensor_parallel_degree,
-        tensor_parallel_rank=tensor_parallel_rank,
-        **config_overrides,
-    )
+    config = model_class.config_class.from_pretrained(str(checkpoint_dir))
+    # setattr, not from_pretrained kwargs: those silently drop names the saved config does not have yet
+    # (e.g. a score model's ``score_type`` on a causal-LM checkpoint), which the model then reads from it.
+    for key, value in dict(config_overrides, tensor_parallel_degree=tensor_parallel_degree,
+                           tensor_parallel_rank=tensor_parallel_rank).items():  # fmt: skip
+        setattr(config, key, value)
     model = model_class(config)
     actions = {}
     if tensor_parallel_degree > 1:
@@ -157,6 +159,36 @@ def load_tensor_parallel_pretrained(
     missing, unexpected = model.set_state_dict(state)
     _check_load(model, missing, unexpected, f"checkpoint_dir {checkpoint_dir}")
     return model
+
+
+def load_pretrained_model(
+    model_class,
+    checkpoint_dir: str | os.PathLike,
+    tensor_parallel_degree: int = 1,
+    tensor_parallel_rank: int = 0,
+    dtype: Optional[str] = None,
+    **overrides,
+):
+    """``model_class`` loaded from a TP=1 ``save_pretrained`` checkpoint with the given tensor-parallel layout.
+
+    TP > 1 on CPU: :func:`load_tensor_parallel_pretrained` (the stock split-on-load corrupts weights there);
+    otherwise the stock ``model_class.from_pretrained``. ``overrides`` are config fields / model options
+    (``tensor_parallel_output=False``, a score model's ``score_type``, ...); ``dtype`` the parameter dtype.
+    """
+    degree = max(int(tensor_parallel_degree or 1), 1)
+    if degree > 1 and paddle.get_device().startswith("cpu"):
+        from paddlenlp.transformers.model_utils import dtype_guard
+
+        with dtype_guard(dtype or "float32"):
+            model = load_tensor_parallel_pretrained(model_class, checkpoint_dir, degree, tensor_parallel_rank, **overrides)
+        if dtype is not None:
+            model.config.dtype = dtype
+        return model
+    if degree > 1:
+        overrides.update(tensor_parallel_degree=degree, tensor_parallel_rank=tensor_parallel_rank)
+    if dtype is not None:
+        overrides["dtype"] = dtype
+    return model_class.from_pretrained(str(checkpoint_dir), **overrides)
 
 
 def _checkpoint_keys(checkpoint_dir: Path, variant: Optional[str] = None) -> list[str]:

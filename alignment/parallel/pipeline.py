@@ -192,6 +192,7 @@ class PipelineStage(nn.Layer):
         start, end = ranges[stage_id]
 
         self.config = config
+        self.model_class = type(model)  # its tensor-parallel split/merge rules apply to this stage's weights
         self.stage_id = stage_id
         self.num_stages = num_stages
         self.layer_range = (start, end)
@@ -289,15 +290,20 @@ class PipelineEngine:
         return loss_fn
 
     def forward_backward(
-        self, batch: Mapping[str, object], num_micro_batches: int = 1, loss_fn: Optional[LossFn] = None
+        self,
+        batch: Mapping[str, object],
+        num_micro_batches: int = 1,
+        loss_fn: Optional[LossFn] = None,
+        loss_scale: float = 1.0,
     ) -> paddle.Tensor:
         """One training step's forward + backward over ``num_micro_batches`` (gradients accumulate).
 
-        Gradients equal those of ``mean_i loss_fn(model(mb_i), mb_i)`` on an unsplit model; the caller runs
-        ``optimizer.step()`` / ``clear_grad()`` (several calls before one step accumulate, e.g. an actor
-        batch and a ptx batch with different ``loss_fn``). ``loss_fn`` overrides the engine's for this call.
-        Returns that mean loss (float32 scalar) on every stage; ``self.micro_batch_losses`` holds the
-        per-micro-batch losses ``[num_micro_batches]``.
+        Gradients equal those of ``loss_scale * mean_i loss_fn(model(mb_i), mb_i)`` on an unsplit model; the
+        caller runs ``optimizer.step()`` / ``clear_grad()`` (several calls before one step accumulate, e.g. an
+        actor batch and a ptx batch with different ``loss_fn``). ``loss_fn`` overrides the engine's for this
+        call; ``loss_scale`` weights this call's gradients (e.g. a loss coefficient or a gradient-accumulation
+        share) without changing the reported loss. Returns the unscaled mean loss (float32 scalar) on every
+        stage; ``self.micro_batch_losses`` holds the per-micro-batch losses ``[num_micro_batches]``.
         """
         loss_fn = self._loss_fn(loss_fn)
         micro_batches = split_micro_batches(batch, num_micro_batches)
@@ -309,7 +315,7 @@ class PipelineEngine:
                 if int(paddle.numel(loss)) != 1:
                     raise ValueError(f"loss_fn must return a scalar, got shape {list(loss.shape)}")
                 losses.append(loss.detach().astype("float32").reshape([]))
-                output = loss / num_micro_batches
+                output = loss * (loss_scale / num_micro_batches)
             saved.append((received, output))
         for received, output in reversed(saved):
             if self.stage.is_last:

@@ -15,7 +15,10 @@ Design note
   ``_c_softmax_with_cross_entropy``.
 
   ``ColumnParallelLinear`` / ``RowParallelLinear`` / ``VocabParallelEmbedding`` / ``ParallelCrossEntropy``
-  and paddlenlp's Llama therefore run unchanged. Not covered on CPU: ``mp_async_allreduce`` (its
+  and paddlenlp's Llama therefore run unchanged. Also replaced: ``broadcast_input_data`` as used by fleet's
+  ``TensorParallel`` model wrapper (what ``fleet.distributed_model`` / paddlenlp's ``Trainer`` wrap a TP model
+  in): it broadcasts every forward input from the model-parallel source rank and asserts a GPU/XPU device;
+  ours does the same broadcasts over gloo. Not covered on CPU: ``mp_async_allreduce`` (its
   ``InnerOverlapLinear`` calls the process group directly), ``fuse_matmul_bias``, sequence parallel
   (``sequence_parallel_utils``), ``ParallelMultiLabelCrossEntropy``.
 
@@ -38,6 +41,7 @@ _PATCH_SITES = (
     "paddle.distributed.fleet.layers.mpu.mp_ops",
     "paddle.distributed.collective",
 )
+_TENSOR_PARALLEL_WRAPPER = "paddle.distributed.fleet.meta_parallel.tensor_parallel"
 _originals: dict = {}
 
 
@@ -90,6 +94,27 @@ def _c_softmax_with_cross_entropy(logits, label, group=None, return_softmax=Fals
     )
 
 
+def _broadcast_input_data(hcg, *inputs, **kwargs):
+    """fleet's ``broadcast_input_data`` on CPU: every tensor (in place) and every other value of the forward
+    inputs from the model-parallel source rank, so all model-parallel ranks compute on rank 0's data."""
+    group, source = hcg.get_model_parallel_group(), hcg.get_model_parallel_group_src_rank()
+
+    def visit(value):
+        if isinstance(value, paddle.Tensor):
+            with paddle.no_grad():
+                paddle.distributed.broadcast(value, src=source, group=group)
+            return value
+        if isinstance(value, (list, tuple)):
+            return type(value)(visit(item) for item in value)
+        if isinstance(value, dict):
+            return {key: visit(item) for key, item in value.items()}
+        holder = [value]
+        paddle.distributed.broadcast_object_list(holder, src=source, group=group)
+        return holder[0]
+
+    return visit(list(inputs)), visit(kwargs)
+
+
 _REPLACEMENTS = {
     "_c_identity": _c_identity,
     "_mp_allreduce": _mp_allreduce,
@@ -100,10 +125,13 @@ _REPLACEMENTS = {
 }
 
 
-def _modules():
+def _sites():
+    """``(module, {name: replacement})`` pairs to patch."""
     import importlib
 
-    return [importlib.import_module(path) for path in _PATCH_SITES]
+    sites = [(importlib.import_module(path), _REPLACEMENTS) for path in _PATCH_SITES]
+    sites.append((importlib.import_module(_TENSOR_PARALLEL_WRAPPER), {"broadcast_input_data": _broadcast_input_data}))
+    return sites
 
 
 def _on_cpu() -> bool:
@@ -128,8 +156,8 @@ def enable_cpu_model_parallel(force: bool = False) -> bool:
         return False
     if _originals:
         return True
-    for module in _modules():
-        for name, replacement in _REPLACEMENTS.items():
+    for module, replacements in _sites():
+        for name, replacement in replacements.items():
             if hasattr(module, name):
                 _originals[(module.__name__, name)] = getattr(module, name)
                 setattr(module, name, replacement)

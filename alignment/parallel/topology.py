@@ -46,7 +46,8 @@ def gloo_safe_group_creation():
     """Within the block, every new gloo process group rendezvouses over its own TCP store (CPU only).
 
     Wrap code that creates several process groups on gloo, e.g. ``fleet.init`` or paddlenlp
-    ``TrainingArguments(...)`` with 4+ processes. A no-op on non-CPU devices; non-gloo backends untouched.
+    ``TrainingArguments(...)`` (as ``alignment/ppo/run_ppo.py`` does) with 4+ processes. A no-op on non-CPU
+    devices; non-gloo backends untouched.
     """
     if not paddle.get_device().startswith("cpu"):
         yield
@@ -54,8 +55,10 @@ def gloo_safe_group_creation():
     import paddle.distributed.collective as collective
     from paddle.base import core
 
-    if not dist.is_initialized():
-        dist.init_parallel_env()
+    # The default (global) group is left alone: ``init_parallel_env`` imports its own reference to the
+    # factory, and one group over all ranks has no colliding rendezvous keys. Not initialising here also
+    # keeps paddlenlp's ``TrainingArguments`` calling ``fleet.init`` (it skips it once a parallel
+    # context exists), so the block can wrap it.
     original = collective._new_process_group_impl
     host = os.environ.get("PADDLE_CURRENT_ENDPOINT", "127.0.0.1:0").split(":")[0] or "127.0.0.1"
 

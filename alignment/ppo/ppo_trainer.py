@@ -12,7 +12,9 @@ R = L - S positions t = start .. L-2 with start = S - 1, where column t holds to
     advantages, returns [B, R] = get_advantages_and_returns(values, rewards, response_mask, 0, ...)
 
 Then for every micro-batch: critic loss first, actor loss second (PaddleNLP's order). The math is
-in :mod:`alignment.models.ppo_model_utils`; this class only orchestrates.
+in :mod:`alignment.models.ppo_model_utils`; this class only orchestrates. Experience uses the rollout
+models (the training models, or their ``eval_mode`` copies); under pipeline parallel the losses run
+inside the pipeline, on the last stage's head output.
 """
 
 from __future__ import annotations
@@ -137,11 +139,11 @@ class PPOTrainer(RLTrainer):
         args = self.args
         start = prompt_input_ids.shape[1] - 1  # log_probs[:, start] is the first generated token
         position_ids = make_position_ids(attention_mask)
-        log_probs = self.log_probs_of(self.actor_trainer.model, sequences, attention_mask, position_ids, start)
+        log_probs = self.log_probs_of(self.actor_trainer.rollout_model, sequences, attention_mask, position_ids, start)
         with self.offload.use("freeze_model", self.reference_model):
             ref_log_probs = self.log_probs_of(self.reference_model, sequences, attention_mask, position_ids, start)
         reward = self.reward_score(sequences, attention_mask)
-        values = self.values_of(self.critic_trainer.model, sequences, attention_mask, position_ids, start)
+        values = self.values_of(self.critic_trainer.rollout_model, sequences, attention_mask, position_ids, start)
 
         # Everything below lives on the response columns t = start .. L-2 only ([B, L-1-start]).
         response_mask = make_sequence_mask(attention_mask, start)[:, start:]
@@ -188,30 +190,45 @@ class PPOTrainer(RLTrainer):
             return float(mask.any(axis=-1).astype("float32").sum().item())
         return float(mask.astype("float32").sum().item())
 
-    def rl_step(self, batch: dict[str, Any], loss_weight: float, accumulating: bool, actor_accumulating: bool) -> dict[str, float]:
+    def critic_loss(self, values: paddle.Tensor, batch: dict[str, Any]) -> paddle.Tensor:
+        """Clipped value loss of ``values [B, R]`` (critic values at the response columns)."""
         args = self.args
-        start = batch["start"]
-        inputs = dict(
-            attention_mask=batch["attention_mask"], position_ids=batch["position_ids"], return_dict=True
+        return critic_loss_fn(
+            values, batch["old_values"], batch["returns"], batch["response_mask"], args.clip_range_value, args.loss_mean_type
         )
+
+    def actor_loss(self, logits: paddle.Tensor, batch: dict[str, Any]) -> paddle.Tensor:
+        """PPO-clip loss from ``logits [B, R, V]`` at the response columns (predicting tokens ``start+1 ..``)."""
+        args = self.args
+        log_probs = gather_log_probabilities(logits, batch["input_ids"][:, batch["start"] + 1 :])
+        return actor_loss_fn(
+            log_probs, batch["old_log_probs"], batch["advantages"], batch["response_mask"],
+            args.clip_range_ratio, args.loss_mean_type,
+        )  # fmt: skip
+
+    def rl_step(self, batch: dict[str, Any], loss_weight: float, accumulating: bool, actor_accumulating: bool) -> dict[str, float]:
+        start = batch["start"]
         critic = self.critic_trainer
-        with critic.no_sync(accumulating), critic.autocast():
-            scores = critic.model_wrapped(batch["input_ids"], **inputs).scores
-            critic_loss = critic_loss_fn(
-                scores[:, start:-1, 0], batch["old_values"], batch["returns"], batch["response_mask"],
-                args.clip_range_value, args.loss_mean_type,
-            )  # fmt: skip
-            critic.backward(critic_loss * loss_weight)
+        if critic.pipeline is not None:  # the last stage's head output is the scores [B, L, 1]
+            critic_loss = critic.pipeline_step(batch, lambda scores, b: self.critic_loss(scores[:, start:-1, 0], b), loss_weight)
+        else:
+            with critic.no_sync(accumulating), critic.autocast():
+                scores = critic.model_wrapped(
+                    batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"], return_dict=True
+                ).scores
+                loss = self.critic_loss(scores[:, start:-1, 0], batch)
+                critic.backward(loss * loss_weight)
+            critic_loss = float(loss.item())
 
         actor = self.actor_trainer
-        with actor.no_sync(actor_accumulating), actor.autocast():
-            logits = response_logits(
-                actor.model_wrapped, batch["input_ids"], batch["attention_mask"], batch["position_ids"], start
-            )
-            log_probs = gather_log_probabilities(logits, batch["input_ids"][:, start + 1 :])
-            actor_loss = actor_loss_fn(
-                log_probs, batch["old_log_probs"], batch["advantages"], batch["response_mask"],
-                args.clip_range_ratio, args.loss_mean_type,
-            )  # fmt: skip
-            actor.backward(actor_loss * loss_weight)
-        return {"train/actor_loss": float(actor_loss.item()), "train/reward_critic_loss": float(critic_loss.item())}
+        if actor.pipeline is not None:  # the last stage's head output is the logits [B, L, V]
+            actor_loss = actor.pipeline_step(batch, lambda logits, b: self.actor_loss(logits[:, start:-1], b), loss_weight)
+        else:
+            with actor.no_sync(actor_accumulating), actor.autocast():
+                logits = response_logits(
+                    actor.model_wrapped, batch["input_ids"], batch["attention_mask"], batch["position_ids"], start
+                )
+                loss = self.actor_loss(logits, batch)
+                actor.backward(loss * loss_weight)
+            actor_loss = float(loss.item())
+        return {"train/actor_loss": actor_loss, "train/reward_critic_loss": critic_loss}

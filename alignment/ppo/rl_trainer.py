@@ -2,6 +2,7 @@
 
 One iteration, for each prompt batch of ``per_device_prompt_batch_size`` prompts::
 
+    (eval_mode) export the training weights into the rollout models
     rollout     actor.generate -> sequences                          (timed: generation)
     experience  make_experience(sequences) -> per-token tensors      (timed: experience)
     update      update_iters x for each micro-batch: rl_step (+ ptx) (timed: update)
@@ -13,6 +14,11 @@ exact resume) lives here.
 
 ``global_step`` counts optimizer updates of the actor (and critic), as ``max_steps`` does; one
 rollout makes ``update_iters * micro_batches / gradient_accumulation_steps`` of them.
+
+Parallelism: data-parallel ranks (and sharding ranks) get different prompts; the ranks of one
+tensor/pipeline replica get the same prompts and sampling seed, so they roll out identically. With
+``eval_mode`` the rollout and the experience run on separate non-pipeline rollout models
+(``StepTrainer.eval_model``) that receive the training weights before every rollout and evaluation.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import paddle.distributed as dist
 
 from alignment.data.base import IGNORE_INDEX
 from alignment.models.ppo_model_utils import make_rollout_attention_mask, ptx_loss_fn
-from alignment.ppo.comm_utils import OffloadManager
+from alignment.ppo.comm_utils import OffloadManager, model_parallel_broadcast_guard, tensor_parallel_degree
 from alignment.ppo.trainer_utils import (
     GlobalBatchSampler,
     StepTrainer,
@@ -41,6 +47,7 @@ from alignment.ppo.trainer_utils import (
     all_reduce_mean,
     all_reduce_sum,
     any_across_ranks,
+    is_first_model_replica,
     rollout_seed,
     world_info,
 )
@@ -132,7 +139,7 @@ class RLTrainer(abc.ABC):
         self._generate_fn = generate_fn
         self.state = TrainerState()
         self.dp_rank, self.dp_world = world_info()
-        self.offload = OffloadManager(getattr(args, "offload_level", ""))
+        self.offload = OffloadManager(self._effective_offload_level(getattr(args, "offload_level", "")))
 
         self.rows_per_rollout = args.per_device_prompt_batch_size * rollout.num_return_sequences
         self.micro_batches_per_rollout = self.rows_per_rollout // args.per_device_train_batch_size
@@ -175,6 +182,26 @@ class RLTrainer(abc.ABC):
         self._pending: list[dict[str, float]] = []
         self.last_evaluation: tuple[int, dict[str, float]] | None = None
 
+    @property
+    def uses_eval_models(self) -> bool:
+        """True when separate rollout models do the rollout and experience (``eval_mode``)."""
+        return self.actor_trainer.eval_model is not None
+
+    def _effective_offload_level(self, offload_level: str) -> str:
+        levels = (offload_level or "").split()
+        if "train_model" in levels and not self.uses_eval_models:
+            logger.warning(
+                "offload_level 'train_model' needs eval_mode: without a separate rollout model the training "
+                "weights are used in every phase, so they stay in place"
+            )
+            levels.remove("train_model")
+        return " ".join(levels)
+
+    def export_rollout_models(self) -> None:
+        """Give the rollout models (``eval_mode``) the current training weights (collective)."""
+        for trainer in (self.actor_trainer, self.critic_trainer):
+            trainer.export_evaluate_model()
+
     # ------------------------------------------------------------------------------ subclass API
     @abc.abstractmethod
     def make_experience(self, prompt_input_ids: paddle.Tensor, sequences: paddle.Tensor, attention_mask: paddle.Tensor) -> dict[str, Any]:
@@ -211,27 +238,31 @@ class RLTrainer(abc.ABC):
         generate = self._generate_fn
         if generate is None:
             from alignment.ppo.infer_utils import generate_rollout as generate
-        return generate(
-            self.actor_trainer.model,
-            input_ids,
-            attention_mask,
-            max_new_tokens=settings.max_new_tokens,
-            do_sample=do_sample,
-            temperature=settings.temperature,
-            top_p=settings.top_p,
-            top_k=settings.top_k,
-            repetition_penalty=settings.repetition_penalty,
-            num_return_sequences=num_return_sequences,
-            eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id,
-            backend=settings.backend,
-        )
+        model = self.actor_trainer.rollout_model
+        with model_parallel_broadcast_guard(model):
+            return generate(
+                model,
+                input_ids,
+                attention_mask,
+                max_new_tokens=settings.max_new_tokens,
+                do_sample=do_sample,
+                temperature=settings.temperature,
+                top_p=settings.top_p,
+                top_k=settings.top_k,
+                repetition_penalty=settings.repetition_penalty,
+                num_return_sequences=num_return_sequences,
+                eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=self.tokenizer.pad_token_id,
+                backend=settings.backend,
+            )
 
     # ---------------------------------------------------------------------------------- training
     def train(self, resume_from_checkpoint: str | None = None) -> TrainerState:
         """Run until ``total_steps`` optimizer updates; returns the final state."""
         if resume_from_checkpoint:
             self.load_checkpoint(resume_from_checkpoint)
+        if self.uses_eval_models:  # the rollout models do the rollout; the update reloads the weights
+            self.offload.offload_now("train_model", self.actor_trainer.model, self.critic_trainer.model)
         args = self.args
         progress = _progress(self.total_steps, self.state.global_step, disable=args.disable_tqdm or not is_main_process())
         logger.info(
@@ -264,9 +295,11 @@ class RLTrainer(abc.ABC):
     def train_on_rollout(self, prompt_batch: dict[str, paddle.Tensor]) -> None:
         """Generate, build experience, and make ``updates_per_rollout`` optimizer updates."""
         args = self.args
-        paddle.seed(rollout_seed(args.seed, self.state.global_step, dist.get_rank()))
+        # The data-parallel rank: all ranks of a tensor/pipeline replica must sample the same responses.
+        paddle.seed(rollout_seed(args.seed, self.state.global_step, self.dp_rank))
         self.set_train(False)
         start = time.perf_counter()
+        self.export_rollout_models()
         with paddle.no_grad():
             sequences = self.generate(prompt_batch["input_ids"], prompt_batch["attention_mask"])
             generated = time.perf_counter()
@@ -280,7 +313,8 @@ class RLTrainer(abc.ABC):
             ptx_batches = self.ptx_micro_batches(self.state.rollouts) if self.ptx_dataset is not None else None
             self.set_train(True)
             optimizers = (self.actor_trainer.optimizer, self.critic_trainer.optimizer)
-            with self.offload.use("optimizer", *optimizers):
+            models = (self.actor_trainer.model, self.critic_trainer.model)
+            with self.offload.use("train_model", *models), self.offload.use("optimizer", *optimizers):
                 metrics.update(self.update(micro_batches, ptx_batches))
         else:
             self.state.global_step += self.updates_per_rollout  # keep schedules aligned with the plan
@@ -392,12 +426,18 @@ class RLTrainer(abc.ABC):
     def ptx_step(self, batch: dict[str, paddle.Tensor], accumulating: bool) -> dict[str, float]:
         """``ptx_coeff`` x language-model loss of the actor, accumulated into the same update."""
         trainer = self.actor_trainer
+        scale = self.args.ptx_coeff / self.args.gradient_accumulation_steps
+        if trainer.pipeline is not None:
+            loss = trainer.pipeline_step(
+                batch, lambda logits, micro_batch: ptx_loss_fn(logits, micro_batch["labels"], ignore_index=IGNORE_INDEX), scale
+            )
+            return {"train/ptx_loss": loss}
         with trainer.no_sync(accumulating), trainer.autocast():
             logits = trainer.model_wrapped(
                 batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, return_dict=True
             ).logits
             loss = ptx_loss_fn(logits, batch["labels"], ignore_index=IGNORE_INDEX)
-            trainer.backward(self.args.ptx_coeff * loss / self.args.gradient_accumulation_steps)
+            trainer.backward(scale * loss)
         return {"train/ptx_loss": float(loss.item())}
 
     def set_train(self, mode: bool) -> None:
@@ -450,6 +490,7 @@ class RLTrainer(abc.ABC):
         from alignment.ppo.eval_utils import evaluate_policy
 
         self.set_train(False)
+        self.export_rollout_models()
         metrics = evaluate_policy(self, self.eval_dataset, step=self.state.global_step)
         self.last_evaluation = (self.state.global_step, metrics)
         return metrics
@@ -493,10 +534,20 @@ class RLTrainer(abc.ABC):
         return sharded or dist.get_rank() == 0
 
     def save_model(self, trainer: StepTrainer, directory: str) -> None:
-        """``save_pretrained`` (safetensors, tensor-parallel shards merged) plus the tokenizer."""
-        merge = self.args.tensor_parallel_degree > 1
-        if self.args.should_save or merge:
-            trainer.model.save_pretrained(directory, safe_serialization=True, merge_tensor_parallel=merge)
+        """``save_pretrained`` in the standard TP=1 layout (safetensors) plus the tokenizer (all ranks call).
+
+        Tensor-parallel shards are merged (every model-parallel rank of the first replica takes part, its
+        rank 0 writes); a pipeline stage is first gathered into the full rollout model, which is saved.
+        """
+        model = trainer.model
+        if trainer.pipeline is not None:
+            trainer.export_evaluate_model()
+            model = trainer.eval_model
+        if tensor_parallel_degree(model) > 1:
+            if is_first_model_replica():
+                model.save_pretrained(directory, safe_serialization=True, merge_tensor_parallel=True)
+        elif self.args.should_save:
+            model.save_pretrained(directory, safe_serialization=True)
         if self.args.should_save:
             self.tokenizer.save_pretrained(directory)
 
@@ -548,7 +599,11 @@ class RLTrainer(abc.ABC):
 
 
 def _load_weights(model: paddle.nn.Layer, directory: str) -> None:
-    """Load a ``save_pretrained`` safetensors checkpoint (merged TP) into an existing model."""
+    """Load a ``save_pretrained`` safetensors checkpoint (merged TP) into an existing model.
+
+    ``model`` may be a tensor-parallel shard (its slices are cut) and/or a pipeline stage (its layers are
+    taken); checkpoint weights it does not own are ignored.
+    """
     from safetensors.numpy import load_file
 
     files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
@@ -557,8 +612,9 @@ def _load_weights(model: paddle.nn.Layer, directory: str) -> None:
     state = {}
     for name in files:
         state.update(load_file(os.path.join(directory, name)))
-    if getattr(model.config, "tensor_parallel_degree", 1) > 1:
-        actions = model.get_tensor_parallel_convert_actions(model.config, loaded_state_dict_keys=list(state), is_split=True)
+    if tensor_parallel_degree(model) > 1:
+        model_class = getattr(model, "model_class", type(model))  # a PipelineStage names its model's class
+        actions = model_class.get_tensor_parallel_convert_actions(model.config, loaded_state_dict_keys=list(state), is_split=True)
         for key, action in actions.items():
             if key in state:
                 state[key] = action(state[key])

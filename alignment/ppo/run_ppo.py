@@ -5,10 +5,16 @@ Four models: the actor and a frozen reference start from the SFT checkpoint
 checkpoint (``reward_critic_model_name_or_path`` for the critic when given). Every field of the
 JSON file is one of the dataclass fields below or of PaddleNLP's ``TrainingArguments``; command-line
 ``--field value`` pairs after the file override it.
+
+Parallel layouts (see docs/distributed.md): data parallel and ``sharding: stage1`` for the actor/critic
+optimizers, ``tensor_parallel_degree`` for all four models, ``pipeline_parallel_degree`` for the actor and
+critic (loss inside the pipeline; needs ``eval_mode``: the rollout and experience run on non-pipeline copies
+that receive the training weights before every rollout).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -20,7 +26,15 @@ from paddlenlp.trainer import TrainingArguments as PaddleTrainingArguments
 from alignment.data.arguments import DataArgument as BaseDataArgument
 from alignment.utils.config import Problems
 
-__all__ = ["ModelArgument", "DataArgument", "TrainingArguments", "main", "validate_arguments"]
+__all__ = [
+    "ModelArgument",
+    "DataArgument",
+    "TrainingArguments",
+    "main",
+    "validate_arguments",
+    "parallel_layout_problems",
+    "load_models",
+]
 
 logger = logging.getLogger("alignment.ppo")
 
@@ -95,8 +109,10 @@ class TrainingArguments(PaddleTrainingArguments):
     # parallel / memory
     eval_mode: Optional[str] = field(
         default=None,
-        metadata={"help": "Separate rollout model: '' / 'single' / 'tensor_parallel'.", "choices": [None, "", "single", "tensor_parallel"]},
-    )
+        metadata={"help": "Separate non-pipeline rollout models fed with the training weights before every rollout: "
+                          "'single' (not tensor parallel) or 'tensor_parallel' (the training TP degree); "
+                          "required with pipeline parallel.", "choices": [None, "", "single", "tensor_parallel"]},
+    )  # fmt: skip
     offload_level: str = field(
         default="", metadata={"help": "Space-separated: freeze_model, optimizer, train_model."}
     )
@@ -107,9 +123,66 @@ class TrainingArguments(PaddleTrainingArguments):
     )
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        # Checked before paddlenlp's __post_init__, which initialises fleet with these degrees.
+        import paddle.distributed as dist
+
+        problems = Problems()
+        for name, message in parallel_layout_problems(
+            self.tensor_parallel_degree, self.pipeline_parallel_degree, self.sharding, self.sharding_parallel_degree,
+            dist.get_world_size(),
+        ):  # fmt: skip
+            problems.add(name, message)
+        problems.raise_if_any()
+        from alignment.parallel.topology import gloo_safe_group_creation
+
+        # On CPU, fleet's groups of 4+ processes need their own rendezvous stores (a no-op elsewhere).
+        with gloo_safe_group_creation() if dist.get_world_size() > 1 else contextlib.nullcontext():
+            super().__post_init__()
         if self.eval_mode == "":
             self.eval_mode = None
+
+
+def _degree(value: Optional[int]) -> int:
+    """paddlenlp marks an unset parallel degree with -1 (or 0): that is degree 1."""
+    return max(int(value or 1), 1)
+
+
+def parallel_layout_problems(
+    tensor_parallel_degree: int, pipeline_parallel_degree: int, sharding: Any, sharding_parallel_degree: int, world_size: int
+) -> list[tuple[str, str]]:
+    """``(argument, message)`` for every parallel layout the launched world cannot run.
+
+    The degrees multiply to the world size: ``world = data x sharding x tensor x pipeline``, data parallel
+    taking what is left (``sharding_parallel_degree`` -1 with ``sharding`` set = all of it, as paddlenlp).
+    """
+    problems = []
+    tp, pp = _degree(tensor_parallel_degree), _degree(pipeline_parallel_degree)
+    stages = sharding.split() if isinstance(sharding, str) else [str(getattr(o, "value", o)) for o in sharding or []]
+    sharded = bool(stages) and sharding_parallel_degree != 1
+    degree = _degree(sharding_parallel_degree) if sharded and sharding_parallel_degree not in (-1, 0, None) else 1
+    model_parallel = tp * pp * degree
+    if world_size % model_parallel:
+        problems.append((
+            "tensor_parallel_degree",
+            f"tensor_parallel_degree ({tp}) x pipeline_parallel_degree ({pp}) x sharding_parallel_degree ({degree}) = "
+            f"{model_parallel} must divide the number of processes ({world_size}: --nproc_per_node x --nnodes); "
+            "data parallel takes the remaining factor",
+        ))  # fmt: skip
+    if _degree(sharding_parallel_degree) > 1 and not stages:
+        problems.append(("sharding_parallel_degree", "needs sharding (e.g. 'stage1') to be set"))
+    if "stage3" in stages:
+        problems.append(("sharding", "stage3 is not supported: rollout generation needs the full actor weights on every rank"))
+    if "stage2" in stages and _on_cpu():
+        problems.append(("sharding", "stage2 runs on GPU/XPU only (Paddle's group_sharded_parallel); use stage1 on CPU"))
+    if pp > 1 and ("stage2" in stages or "stage3" in stages):
+        problems.append(("sharding", "pipeline parallel works with sharding stage1 only"))
+    return problems
+
+
+def _on_cpu() -> bool:
+    import paddle
+
+    return paddle.get_device().startswith("cpu")
 
 
 def _looks_like_local_path(value: str) -> bool:
@@ -168,13 +241,19 @@ def validate_arguments(model_args: ModelArgument, data_args: DataArgument, args:
         problems.add("do_eval", "needs eval_datasets or eval_split_ratio")
     if data_args.eval_split_ratio is not None:
         problems.check(0 < data_args.eval_split_ratio < 1, "eval_split_ratio", "must be in (0, 1)")
-    world = max(args.world_size, 1)
-    model_parallel = args.tensor_parallel_degree * args.pipeline_parallel_degree
-    problems.check(
-        world % model_parallel == 0,
-        "tensor_parallel_degree",
-        f"tensor_parallel_degree x pipeline_parallel_degree = {model_parallel} must divide the world size {world}",
-    )
+    if _degree(args.pipeline_parallel_degree) > 1:
+        problems.check(
+            args.eval_mode in ("single", "tensor_parallel"),
+            "eval_mode",
+            "must be 'single' or 'tensor_parallel' with pipeline_parallel_degree > 1: rollout generation and "
+            "experience run on a non-pipeline copy of the actor and critic",
+        )
+        problems.check(not args.fp16, "fp16", "fp16 loss scaling is not supported with pipeline parallel; use bf16")
+        problems.check(
+            not getattr(args, "sequence_parallel", False), "sequence_parallel", "is not supported with pipeline parallel"
+        )
+        if args.recompute:
+            logger.warning("recompute is not applied inside pipeline stages (alignment.parallel.PipelineStage)")
     problems.raise_if_any()
 
 
@@ -189,6 +268,22 @@ def check_model_compatibility(model_args: ModelArgument, data_args: DataArgument
         "actor_model_name_or_path",
         f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {actor_config.vocab_size}",
     )
+    tp, pp = _degree(args.tensor_parallel_degree), _degree(args.pipeline_parallel_degree)
+    if tp > 1:
+        for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size", "vocab_size"):
+            value = getattr(actor_config, name, None)
+            if value:
+                problems.check(
+                    value % tp == 0, "tensor_parallel_degree", f"the actor's {name} ({value}) is not divisible by {tp}"
+                )
+    if pp > 1:
+        layers = actor_config.num_hidden_layers
+        problems.check(layers >= pp, "pipeline_parallel_degree", f"{pp} stages need >= {pp} layers, the actor has {layers}")
+        problems.check(
+            not getattr(actor_config, "tie_word_embeddings", False),
+            "pipeline_parallel_degree",
+            "the actor ties its input and output embeddings, which pipeline stages cannot share",
+        )
     positions = getattr(actor_config, "max_position_embeddings", None)
     total = data_args.max_length + (args.max_new_tokens or data_args.max_length)
     if positions:
@@ -201,34 +296,91 @@ def check_model_compatibility(model_args: ModelArgument, data_args: DataArgument
     problems.raise_if_any()
 
 
-def load_models(model_args: ModelArgument, args: TrainingArguments) -> dict[str, Any]:
-    """Actor, reference, reward and critic models (each with the training TP layout)."""
-    from paddlenlp.transformers import AutoModelForCausalLM
+def _causal_lm_class(path: str):
+    from paddlenlp import transformers
+    from paddlenlp.transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    for architecture in getattr(config, "architectures", None) or []:
+        if hasattr(transformers, architecture):
+            return getattr(transformers, architecture)
+    raise ValueError(f"actor_model_name_or_path: cannot tell the causal-LM class of {path} (config.architectures)")
+
+
+def _score_model_class(path: str):
+    from paddlenlp.transformers import AutoConfig
 
     from alignment.models import AutoModelForScore
+
+    return AutoModelForScore.model_class(AutoConfig.from_pretrained(path))
+
+
+def _rollout_copy(model: Any, tensor_parallel_degree: int, tensor_parallel_rank: int, dtype: str) -> Any:
+    """An ``eval_mode`` rollout model: ``model``'s architecture with the given TP layout and no pipeline.
+
+    Its weights are placeholders until ``export_evaluate_model`` copies the training weights in.
+    """
+    import copy
+
+    from paddlenlp.transformers.model_utils import dtype_guard
+
+    config = copy.deepcopy(model.config)
+    config.tensor_parallel_degree = tensor_parallel_degree
+    config.tensor_parallel_rank = tensor_parallel_rank if tensor_parallel_degree > 1 else 0
+    with dtype_guard(dtype):
+        return type(model)(config)
+
+
+def load_models(model_args: ModelArgument, args: TrainingArguments) -> dict[str, Any]:
+    """The four PPO models, plus the actor/critic rollout models with ``eval_mode``.
+
+    Actor and critic get the training tensor-parallel layout; reference and reward the rollout layout
+    (``eval_mode: single``: not split; otherwise the training one), as the rollout models. Under pipeline
+    parallel, actor and critic become this rank's ``PipelineStage`` with its ``PipelineEngine``
+    (``actor_pipeline``/``critic_pipeline``). Returns ``actor, reference, reward, critic`` and, with
+    ``eval_mode``, ``actor_eval, critic_eval``.
+    """
+    from alignment.parallel.checkpoint import load_pretrained_model
+    from alignment.parallel.tensor_parallel import enable_cpu_model_parallel
 
     if args.fp16_opt_level == "O2" and (args.bf16 or args.fp16):
         dtype = "bfloat16" if args.bf16 else "float16"
     else:
         dtype = "float32"
-    common = dict(
-        dtype=dtype,
-        tensor_parallel_degree=args.tensor_parallel_degree,
-        tensor_parallel_rank=args.tensor_parallel_rank,
-        use_flash_attention=model_args.use_flash_attention,
-    )
-    actor = AutoModelForCausalLM.from_pretrained(model_args.actor_model_name_or_path, tensor_parallel_output=False, **common)
-    reference = AutoModelForCausalLM.from_pretrained(model_args.actor_model_name_or_path, tensor_parallel_output=False, **common)
-    reward = AutoModelForScore.from_pretrained(
-        model_args.reward_model_name_or_path, score_type="reward", do_normalize=args.normalize_reward, **common
-    )
-    critic = AutoModelForScore.from_pretrained(
-        model_args.reward_critic_model_name_or_path or model_args.reward_model_name_or_path,
-        score_type="critic",
-        do_normalize=False,
-        **common,
-    )
-    return {"actor": actor, "reference": reference, "reward": reward, "critic": critic}
+    train_tp, tp_rank = _degree(args.tensor_parallel_degree), max(args.tensor_parallel_rank, 0)
+    eval_tp = 1 if args.eval_mode == "single" else train_tp
+    if max(train_tp, eval_tp) > 1:
+        enable_cpu_model_parallel()  # gloo-capable model-parallel ops on CPU; a no-op on GPU
+
+    def load(model_class, path: str, degree: int, **options):
+        return load_pretrained_model(
+            model_class, path, degree, tp_rank if degree > 1 else 0, dtype=dtype,
+            use_flash_attention=model_args.use_flash_attention, **options,
+        )  # fmt: skip
+
+    actor_path = model_args.actor_model_name_or_path
+    reward_path = model_args.reward_model_name_or_path
+    critic_path = model_args.reward_critic_model_name_or_path or reward_path
+    lm_class = _causal_lm_class(actor_path)
+    models = {
+        "actor": load(lm_class, actor_path, train_tp, tensor_parallel_output=False),
+        "reference": load(lm_class, actor_path, eval_tp, tensor_parallel_output=False),
+        "reward": load(_score_model_class(reward_path), reward_path, eval_tp, score_type="reward", do_normalize=args.normalize_reward),
+        "critic": load(_score_model_class(critic_path), critic_path, train_tp, score_type="critic", do_normalize=False),
+    }
+    if args.eval_mode:
+        for name in ("actor", "critic"):
+            models[f"{name}_eval"] = _rollout_copy(models[name], eval_tp, tp_rank, dtype)
+    if _degree(args.pipeline_parallel_degree) > 1:
+        from paddle.distributed import fleet
+
+        from alignment.parallel.pipeline import PipelineEngine, PipelineStage
+
+        stage_id, stages = fleet.get_hybrid_communicate_group().get_stage_id(), _degree(args.pipeline_parallel_degree)
+        for name, head in (("actor", "lm_head"), ("critic", "score_head")):
+            models[name] = PipelineStage(models[name], stage_id, stages, head_name=head)  # keeps only its layers
+            models[f"{name}_pipeline"] = PipelineEngine(models[name])
+    return models
 
 
 def load_datasets(data_args: DataArgument, args: TrainingArguments, tokenizer: Any) -> dict[str, Any]:
@@ -270,7 +422,10 @@ def build_trainer(model_args: ModelArgument, data_args: DataArgument, args: Trai
 
     datasets = load_datasets(data_args, args, tokenizer)
     models = load_models(model_args, args)
-    actor_trainer = StepTrainer(models["actor"], args, name="actor", tokenizer=tokenizer)
+    actor_trainer = StepTrainer(
+        models["actor"], args, name="actor", tokenizer=tokenizer,
+        pipeline=models.get("actor_pipeline"), eval_model=models.get("actor_eval"),
+    )  # fmt: skip
     critic_args = derive_args(
         args,
         learning_rate=args.critic_learning_rate,
@@ -279,7 +434,10 @@ def build_trainer(model_args: ModelArgument, data_args: DataArgument, args: Trai
         warmup_ratio=args.critic_warmup_ratio,
         recompute=args.critic_recompute,
     )
-    critic_trainer = StepTrainer(models["critic"], critic_args, name="critic", tokenizer=tokenizer)
+    critic_trainer = StepTrainer(
+        models["critic"], critic_args, name="critic", tokenizer=tokenizer,
+        pipeline=models.get("critic_pipeline"), eval_model=models.get("critic_eval"),
+    )  # fmt: skip
     backend = args.rollout_backend
     if backend == "auto" and not args.use_fusemt:
         backend = "fast"  # use_fusemt=false keeps its upstream meaning: no fused GPU inference

@@ -5,6 +5,11 @@ usual weight-decay exclusions, gradient clipping, LR schedules, AMP, and wrappin
 data/sharding/tensor parallelism through ``fleet``) and replaces its epoch loop with an explicit
 ``backward`` / ``optimizer_step`` pair, so the RL loop decides when each model steps. It relies on
 ``Trainer._wrap_model`` and ``create_optimizer_and_scheduler`` of paddlenlp 2.8.1.
+
+Under pipeline parallel a ``StepTrainer`` holds one ``alignment.parallel.PipelineStage`` and its
+``PipelineEngine`` (the loss runs inside the pipeline, see :meth:`StepTrainer.pipeline_step`); its optimizer
+is wrapped by fleet's ``HybridParallelOptimizer`` so gradient clipping uses the norm over all stages.
+With ``eval_mode`` it also holds the separate non-pipeline rollout model (``eval_model``).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ __all__ = [
     "any_across_ranks",
     "derive_args",
     "rollout_seed",
+    "is_first_model_replica",
 ]
 
 logger = logging.getLogger(__name__)
@@ -43,20 +49,37 @@ def _trainer_base():
 
 
 # ---------------------------------------------------------------------------------- distributed
+def _hybrid_group():
+    """fleet's hybrid communicate group, or None outside hybrid parallel."""
+    if dist.get_world_size() <= 1:
+        return None
+    try:
+        from paddle.distributed import fleet
+
+        return fleet.get_hybrid_communicate_group()
+    except Exception:
+        return None
+
+
+def is_first_model_replica() -> bool:
+    """True on the ranks of data-parallel (and sharding) replica 0 and pipeline stage 0.
+
+    Exactly these ranks write a checkpoint: every model-parallel rank among them takes part in merging the
+    tensor-parallel shards, and model-parallel rank 0 writes the files.
+    """
+    hcg = _hybrid_group()
+    if hcg is None:
+        return dist.get_rank() == 0
+    return world_info()[0] == 0 and hcg.get_stage_id() == 0
+
+
 def world_info() -> tuple[int, int]:
     """``(data-parallel rank, data-parallel world size)`` of this process.
 
     With hybrid parallelism (fleet), ranks of one tensor/pipeline replica share data, so the
     data-parallel coordinates are those of the dp x sharding group.
     """
-    if dist.get_world_size() <= 1:
-        return 0, 1
-    try:
-        from paddle.distributed import fleet
-
-        hcg = fleet.get_hybrid_communicate_group()
-    except Exception:
-        hcg = None
+    hcg = _hybrid_group()
     if hcg is None:
         return dist.get_rank(), dist.get_world_size()
     dp_rank, dp_size = hcg.get_data_parallel_rank(), hcg.get_data_parallel_world_size()
@@ -64,30 +87,28 @@ def world_info() -> tuple[int, int]:
     return sharding_rank * dp_size + dp_rank, dp_size * sharding_size
 
 
-def _data_group():
-    """The communication group spanning data-parallel replicas (None = global)."""
-    if dist.get_world_size() <= 1:
-        return None
-    try:
-        from paddle.distributed import fleet
+def _data_groups() -> list:
+    """Groups whose successive all-reduces combine exactly the data-parallel (x sharding) replicas.
 
-        hcg = fleet.get_hybrid_communicate_group()
-    except Exception:
-        return None
+    ``[None]`` (the global group) when every rank is its own replica; otherwise the sharding and the
+    data-parallel group of this rank (those of size > 1), so model-parallel ranks are never summed.
+    """
+    hcg = _hybrid_group()
     if hcg is None or (hcg.get_model_parallel_world_size() == 1 and hcg.get_pipe_parallel_world_size() == 1):
-        return None
-    if hcg.get_sharding_parallel_world_size() > 1 and hcg.get_data_parallel_world_size() > 1:
-        return None  # dp x sharding spans more than one group; the global group is correct w/o mp/pp
-    if hcg.get_sharding_parallel_world_size() > 1:
-        return hcg.get_sharding_parallel_group()
-    return hcg.get_data_parallel_group()
+        return [None]
+    candidates = (
+        (hcg.get_sharding_parallel_group(), hcg.get_sharding_parallel_world_size()),
+        (hcg.get_data_parallel_group(), hcg.get_data_parallel_world_size()),
+    )
+    return [group for group, size in candidates if size > 1]
 
 
 def _reduce(values: Sequence[float], op) -> list[float]:
     if dist.get_world_size() <= 1:
         return [float(v) for v in values]
     tensor = paddle.to_tensor(np.asarray(values, dtype=np.float64))
-    dist.all_reduce(tensor, op=op, group=_data_group())
+    for group in _data_groups():  # SUM and MAX compose exactly over the nested groups
+        dist.all_reduce(tensor, op=op, group=group)
     return tensor.numpy().tolist()
 
 
@@ -195,18 +216,67 @@ class StepTrainer(_trainer_base()):
     for each micro-batch; then ``trainer.optimizer_step()``.
     """
 
-    def __init__(self, model: paddle.nn.Layer, args: Any, name: str, tokenizer: Any = None) -> None:
+    def __init__(
+        self,
+        model: paddle.nn.Layer,
+        args: Any,
+        name: str,
+        tokenizer: Any = None,
+        pipeline: Any = None,
+        eval_model: paddle.nn.Layer | None = None,
+    ) -> None:
+        """``pipeline``: the ``PipelineEngine`` running ``model`` (a ``PipelineStage``) under pipeline parallel.
+        ``eval_model``: the separate rollout model fed by :meth:`export_evaluate_model` (``eval_mode``)."""
+        if pipeline is not None:
+            # paddlenlp's Trainer only accepts its own PipelineLayer under pipeline parallel; the stage runs
+            # on our engine instead, so the Trainer sees a plain model.
+            args = derive_args(args, pipeline_parallel_degree=1)
         with _quiet_paddlenlp():  # Trainer.__init__ prints every argument; the RL loop already did
             super().__init__(model=model, args=args, tokenizer=tokenizer, callbacks=None)
         # The RL loop logs, saves and evaluates; the Trainer's own callbacks must stay silent.
         self.callback_handler.callbacks = []
         self.name = name
         self.num_optimizer_steps = 0
+        self.pipeline = pipeline
+        self.eval_model = eval_model
+        if eval_model is not None:
+            eval_model.eval()
+            for parameter in eval_model.parameters():
+                parameter.stop_gradient = True
 
     def setup(self, num_training_steps: int) -> None:
         """Create the optimizer and LR schedule and wrap the model for distributed training."""
         self.create_optimizer_and_scheduler(num_training_steps=num_training_steps)
-        self.model_wrapped = self._wrap_model(self.model_wrapped)
+        if self.pipeline is None:
+            self.model_wrapped = self._wrap_model(self.model_wrapped)
+        elif dist.get_world_size() > 1:
+            from paddle.distributed import fleet
+
+            # HybridParallelOptimizer: global-norm clipping over all stages (and TP shards), sharding, dp.
+            self.optimizer = fleet.distributed_optimizer(self.optimizer)
+
+    @property
+    def rollout_model(self) -> paddle.nn.Layer:
+        """The model that generates and scores rollouts: the eval model if any, else the training model."""
+        return self.eval_model if self.eval_model is not None else self.model
+
+    def export_evaluate_model(self) -> None:
+        """Reshard the current training weights into the eval model (collective; no-op without one)."""
+        if self.eval_model is not None:
+            from alignment.ppo.comm_utils import export_evaluate_model
+
+            export_evaluate_model(self.model, self.eval_model)
+
+    def pipeline_step(self, batch: dict[str, Any], loss_fn, loss_scale: float = 1.0) -> float:
+        """Forward + backward of one micro-batch through the pipeline, the loss on the last stage.
+
+        ``loss_fn(head_output, batch) -> scalar`` gets the last stage's head output (logits ``[B, L, V]`` or
+        scores ``[B, L, 1]``); gradients are those of ``loss_scale * loss``. Returns the unscaled loss on
+        every stage.
+        """
+        with self.autocast():
+            loss = self.pipeline.forward_backward(batch, num_micro_batches=1, loss_fn=loss_fn, loss_scale=loss_scale)
+        return float(loss.item())
 
     @property
     def is_data_parallel(self) -> bool:
@@ -231,13 +301,6 @@ class StepTrainer(_trainer_base()):
             self.scaler.scale(loss).backward()
         else:
             loss.backward()
-
-    def grad_norm(self) -> float:
-        """Global L2 norm of the current gradients (before clipping), as a float."""
-        squares = [paddle.sum(paddle.square(p.grad.astype("float32"))) for p in self.model.parameters() if p.grad is not None]
-        if not squares:
-            return 0.0
-        return float(paddle.sqrt(paddle.add_n(squares)).item())
 
     def zero_grad(self) -> None:
         self.optimizer.clear_grad()

@@ -21,7 +21,7 @@ import paddle.distributed as dist
 from paddlenlp.trainer import Trainer, TrainingArguments
 from paddlenlp.trainer.trainer_utils import has_length
 
-from alignment.models.score_model_utils import reward_accuracy, reward_sequence_loss, reward_token_loss
+from alignment.models.score_model_utils import reward_sequence_loss, reward_token_loss
 from alignment.utils.config import ConfigError
 
 __all__ = [
@@ -152,9 +152,8 @@ def reward_metrics(end_rewards: np.ndarray) -> dict[str, float]:
     end_rewards = np.asarray(end_rewards, dtype="float64")
     if end_rewards.ndim != 2 or end_rewards.shape[1] != 2 or end_rewards.shape[0] == 0:
         raise ValueError(f"end_rewards must be [N >= 1, 2] (better, worse), got shape {list(end_rewards.shape)}")
-    accuracy = reward_accuracy(paddle.to_tensor(end_rewards[:, 0]), paddle.to_tensor(end_rewards[:, 1]))
     return {
-        "accuracy": float(accuracy),
+        "accuracy": float(np.mean(end_rewards[:, 0] > end_rewards[:, 1])),  # as reward_accuracy, in float64
         "rewards_mean": float(end_rewards.mean()),
         "rewards_std": float(end_rewards.std()),
     }
@@ -219,7 +218,8 @@ class RewardTrainer(Trainer):
       accumulation) and all data-parallel ranks; the final log carries ``train_accuracy`` over the run.
     * Evaluation: ``eval_accuracy``, ``eval_rewards_mean``, ``eval_rewards_std`` (:func:`reward_metrics`)
       over the whole evaluation set gathered from every rank (the sampler's padding repeats are cut),
-      and ``eval_loss``, the pair-weighted mean loss. ``predict`` returns the end rewards ``[N, 2]``.
+      and ``eval_loss``, PaddleNLP's batch-size-weighted mean of batch losses (which keeps those repeats).
+      ``predict`` returns the end rewards ``[N, 2]``.
     * Data order: :class:`SeededDistributedBatchSampler` for any number of ranks.
     """
 

@@ -21,6 +21,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
+import paddle
+import paddle.distributed as dist
 from paddlenlp.trainer import get_last_checkpoint, set_seed
 from paddlenlp.trainer.trainer_utils import ShardingOption
 from paddlenlp.transformers.model_utils import unwrap_model
@@ -100,6 +102,10 @@ def check_arguments(
     ``loss_type`` and ``regularization`` are checked when the training arguments are built.)
     """
     problems = Problems()
+    for name in ("model_name_or_path", "tokenizer_name_or_path"):
+        path = getattr(model_args, name)
+        if path and _looks_like_local_path(path) and not os.path.isdir(os.path.expanduser(path)):
+            problems.add(name, f"no such directory: {path!r} (a hub name has the form 'owner/name')")
     problems.check(bool(model_args.model_name_or_path), "model_name_or_path", "required")
     problems.check(
         training_args.do_train or training_args.do_eval,
@@ -133,7 +139,9 @@ def check_arguments(
     if training_args.metric_for_best_model is not None and training_args.load_best_model_at_end:
         known = ("accuracy", "rewards_mean", "rewards_std", "loss")
         metric = training_args.metric_for_best_model.removeprefix("eval_")
-        problems.check(metric in known, "metric_for_best_model", f"{metric!r} is not an eval metric; use one of {known}")
+        problems.check(
+            metric in known, "metric_for_best_model", f"{metric!r} is not an evaluation metric; use one of {known}"
+        )
     problems.check(data_args.max_length >= 2, "max_length", f"must be at least 2 tokens, got {data_args.max_length}")
     if model_args.normalize_score_during_training:
         problems.check(
@@ -150,12 +158,16 @@ def check_arguments(
         )
         problems.check(0.0 <= momentum < 1.0, "normalizer_momentum", f"must be in [0, 1), got {momentum}")
     if model_args.use_flash_attention:
-        import paddle
-
         problems.check(
             paddle.is_compiled_with_cuda(), "use_flash_attention", "needs a GPU build of Paddle; set it to false on CPU"
         )
     problems.raise_if_any()
+
+
+def _looks_like_local_path(name: str) -> bool:
+    """True for names that can only be local paths: absolute, ``./``/``../``/``~``, or more than one ``/``
+    (hub names are ``owner/name`` or a bare name)."""
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
 
 
 def build_datasets(
@@ -166,12 +178,16 @@ def build_datasets(
     Pairs whose two sides are identical after tokenization (e.g. both cut to a ``max_length`` no longer
     than the prompt) are skipped and counted in the log; if every pair is skipped that is a DatasetError.
     """
+
+    def load(datasets: str) -> PreferenceDataset:
+        return PreferenceDataset(datasets, tokenizer, max_length=data_args.max_length, seed=seed)
+
     train_dataset = eval_dataset = None
     if need_train or (need_eval and data_args.eval_split_ratio is not None):
-        train_dataset = PreferenceDataset(data_args.train_datasets, tokenizer, max_length=data_args.max_length, seed=seed)
+        train_dataset = load(data_args.train_datasets)
     if need_eval:
         if data_args.eval_datasets:
-            eval_dataset = PreferenceDataset(data_args.eval_datasets, tokenizer, max_length=data_args.max_length, seed=seed)
+            eval_dataset = load(data_args.eval_datasets)
         else:
             train_dataset, eval_dataset = train_dataset.split_train_test(split_ratio=data_args.eval_split_ratio, seed=seed)
     return (train_dataset if need_train else None), eval_dataset
@@ -194,7 +210,9 @@ def load_model(model_args: ModelArgument, training_args: RewardTrainingArguments
         normalizer_momentum=model_args.normalizer_momentum,
     )
     if model.config.score_dim != 1:
-        raise ConfigError([f"model_name_or_path: a reward model has score_dim 1, the checkpoint has {model.config.score_dim}"])
+        raise ConfigError(
+            [f"model_name_or_path: a reward model has score_dim 1, the checkpoint has {model.config.score_dim}"]
+        )
     vocab_size = model.config.vocab_size
     if len(tokenizer) > vocab_size:
         raise ConfigError(
@@ -304,6 +322,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
         metrics.update(eval_metrics)
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
+    if training_args.world_size > 1:
+        dist.barrier()  # leave together: no rank tears down the process group while rank 0 still writes
     return metrics
 
 

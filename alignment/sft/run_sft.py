@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-from paddlenlp.trainer import TrainingArguments, get_last_checkpoint
+from paddlenlp.trainer import TrainingArguments
 from paddlenlp.trainer.trainer_utils import ShardingOption
 
 from alignment.data import (
@@ -30,9 +30,11 @@ from alignment.data import (
 )
 from alignment.sft.merge_lora import LORA_ADAPTER_DIR, merge_lora_model
 from alignment.sft.sft_trainer import SFTTrainer
+from alignment.utils.checkpoint import get_last_checkpoint, verify_checkpoint
 from alignment.utils.config import ConfigError, Problems, parse_arguments
 from alignment.utils.env import configure_cpu_threads, enable_mkl_avx2_on_amd
 from alignment.utils.metrics import METRICS_FILE, JsonlLoggingCallback
+from alignment.utils.signals import exit_clearly_on_sigterm
 
 __all__ = [
     "ModelArgument",
@@ -128,6 +130,8 @@ def check_arguments(model_args: ModelArgument, data_args: DataArgument, training
             "eval_datasets",
             "do_eval (or an evaluation_strategy other than 'no') needs eval_datasets or eval_split_ratio",
         )
+    if training_args.eval_before_training:
+        problems.check(training_args.do_eval, "eval_before_training", "needs do_eval and an evaluation dataset")
     problems.check(data_args.max_length >= 2, "max_length", f"must be at least 2 tokens, got {data_args.max_length}")
     problems.check(
         training_args.pipeline_parallel_degree <= 1,
@@ -241,13 +245,19 @@ def apply_lora(model: Any, model_args: ModelArgument) -> Any:
 
 
 def _prepare_output_dir(training_args: SFTTrainingArguments) -> Optional[str]:
-    """The checkpoint to resume from, if any; a fresh run starts a fresh metrics.jsonl."""
+    """The verified checkpoint to resume from, if any; a fresh run starts a fresh metrics.jsonl.
+
+    ``resume_from_checkpoint``: a checkpoint directory, or ``auto`` for the newest complete one in
+    ``output_dir``. Unset, an existing ``output_dir`` is resumed unless ``overwrite_output_dir``.
+    """
     resume = training_args.resume_from_checkpoint
-    if resume is None and training_args.do_train and os.path.isdir(training_args.output_dir):
-        if not training_args.overwrite_output_dir:
-            resume = get_last_checkpoint(training_args.output_dir)
-            if resume is not None:
-                logger.info("Resuming from %s (set overwrite_output_dir to start over)", resume)
+    auto = resume == "auto" or (resume is None and not training_args.overwrite_output_dir)
+    if auto:
+        resume = get_last_checkpoint(training_args.output_dir) if training_args.do_train else None
+        if resume is not None:
+            logger.info("Resuming from %s (set overwrite_output_dir to start over)", resume)
+    elif resume is not None:
+        verify_checkpoint(resume)
     if resume is None and training_args.do_train and training_args.should_save:
         stale = os.path.join(training_args.output_dir, METRICS_FILE)
         if os.path.exists(stale):
@@ -262,6 +272,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
     model_args, data_args, training_args = parse_arguments((ModelArgument, DataArgument, SFTTrainingArguments), argv)
     import_custom_dataset_modules(data_args.custom_dataset_modules)
     check_arguments(model_args, data_args, training_args)
+    exit_clearly_on_sigterm("sft", training_args.output_dir)
     training_args.print_config(model_args, "Model")
     training_args.print_config(data_args, "Data")
 
@@ -292,7 +303,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
 
     metrics: dict[str, float] = {}
     if training_args.do_train:
-        if training_args.eval_before_training and eval_dataset is not None and resume is None:
+        if training_args.eval_before_training and resume is None:
             initial = {f"initial_{key}": value for key, value in trainer.evaluate().items()}  # logged at step 0
             metrics.update(initial)
             trainer.save_metrics("initial_eval", initial)
@@ -303,11 +314,21 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
         trainer.save_state()
         _save_final_model(trainer, model_args, training_args)
     if training_args.do_eval:
-        eval_metrics = trainer.evaluate()
+        eval_metrics = _eval_of_current_step(trainer) or trainer.evaluate()
         metrics.update(eval_metrics)
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
     return metrics
+
+
+def _eval_of_current_step(trainer: SFTTrainer) -> Optional[dict[str, float]]:
+    """The evaluation the Trainer already ran at the final step (e.g. the last epoch's), if any."""
+    for record in reversed(trainer.state.log_history):
+        if record.get("step") != trainer.state.global_step:
+            break
+        if "eval_loss" in record:
+            return {key: value for key, value in record.items() if key.startswith("eval_")}
+    return None
 
 
 def _save_final_model(trainer: SFTTrainer, model_args: ModelArgument, training_args: SFTTrainingArguments) -> None:

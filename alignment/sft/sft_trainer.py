@@ -17,6 +17,7 @@ import paddle.nn.functional as F
 from paddlenlp.trainer import Trainer
 
 from alignment.data import IGNORE_INDEX
+from alignment.utils.trainer import ReliableTrainerMixin
 
 __all__ = ["token_nll", "causal_lm_loss", "perplexity", "lm_logits", "SFTTrainer"]
 
@@ -66,8 +67,11 @@ def lm_logits(model: paddle.nn.Layer, inputs: dict[str, paddle.Tensor]) -> paddl
     return outputs.logits
 
 
-class SFTTrainer(Trainer):
+class SFTTrainer(ReliableTrainerMixin, Trainer):
     """PaddleNLP ``Trainer`` whose loss is :func:`causal_lm_loss` on answer tokens.
+
+    Checkpoints are written atomically and a non-finite loss stops training (see
+    :class:`~alignment.utils.trainer.ReliableTrainerMixin`).
 
     Evaluation reports ``eval_loss``, the mean NLL per answer token over the whole evaluation set
     (token-weighted across batches and ranks, unlike the Trainer's mean of per-batch losses), and
@@ -112,13 +116,6 @@ class SFTTrainer(Trainer):
             output.metrics[f"{metric_key_prefix}_loss"] = mean_nll
             output.metrics[f"{metric_key_prefix}_ppl"] = perplexity(mean_nll)
         return output
-
-    def _save_checkpoint(self, model, metrics=None):
-        super()._save_checkpoint(model, metrics)
-        # paddlenlp 2.8.1 rotates checkpoints only when ``local_rank == 0``, so a single-process run
-        # (local_rank -1) never honours ``save_total_limit``. Rotate here in that case.
-        if self.args.local_rank == -1 and self.args.should_save:
-            self._rotate_checkpoints(use_mtime=True, output_dir=self.args.output_dir)
 
     def _global_eval_totals(self) -> tuple[float, float]:
         """Evaluation NLL sum and token count summed over the data-parallel ranks."""

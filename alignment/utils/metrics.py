@@ -98,7 +98,9 @@ class JsonlLoggingCallback(_callback_base()):
         self._logger: MetricsLogger | None = None
 
     def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: D401 - paddlenlp hook
-        if not logs or not state.is_world_process_zero:
+        # state.is_world_process_zero is only set once training starts; an evaluation before
+        # training would otherwise be written by every rank.
+        if not logs or not is_main_process():
             return
         if self._logger is None:
             self._logger = MetricsLogger(self.output_dir or args.output_dir, visualdl_dir=None, enabled=True)
