@@ -221,6 +221,19 @@ def hybrid_job(references) -> Runs:
     return runs
 
 
+@pytest.fixture(scope="module")
+def tp_dp_job(references) -> Runs:
+    """4 processes: tensor parallel 2 x data parallel 2, greedy (== one process) and sampled with evaluation."""
+    runs = references
+    tp_dp = {"tensor_parallel_degree": 2, "per_device_prompt_batch_size": 2, "gradient_accumulation_steps": 1}
+    configs = [
+        runs.config("tp2_dp2", **tp_dp),
+        runs.config("tp2_dp2_sampled", **tp_dp, **SAMPLED, per_device_eval_batch_size=4),
+    ]
+    runs.launch(configs, nproc=4)
+    return runs
+
+
 # ------------------------------------------------------------------------------------------------ tests
 @pytest.mark.distributed
 @pytest.mark.slow
@@ -282,6 +295,26 @@ def test_tensor_and_pipeline_parallel_on_four_processes_match_single_process(hyb
     rank's shard (tensor_parallel eval mode), generates with paddlenlp under TP; the merged checkpoint is
     written by stage 0's model-parallel rank 0."""
     assert_same_run(hybrid_job, "single_greedy", "tp2_pp2")
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_tensor_and_data_parallel_on_four_processes(tp_dp_job):
+    """TP=2 x DP=2 == one process (greedy); with sampling, the ranks of a model-parallel pair draw the same
+    responses and the two data-parallel replicas their own. (paddlenlp's TP sampler broadcasts tokens over
+    the global group; without ``model_parallel_broadcast_guard`` replica 1 got replica 0's responses.)"""
+    runs = tp_dp_job
+    assert_same_run(runs, "single_greedy", "tp2_dp2")
+
+    def generations(rank: int) -> list[tuple[str, str]]:
+        path = runs.root / "tp2_dp2_sampled" / "eval_generations" / f"step-2-rank{rank}.jsonl"
+        return [(row["prompt"], row["response"]) for row in map(json.loads, path.read_text().splitlines())]
+
+    replica0, replica1 = generations(0), generations(2)
+    assert generations(1) == replica0 and generations(3) == replica1
+    assert len(replica0) >= 3 and len(replica1) >= 3  # the (deduplicated) eval prompts split over 2 replicas
+    assert not {prompt for prompt, _ in replica0} & {prompt for prompt, _ in replica1}
+    assert not {response for _, response in replica0} & {response for _, response in replica1}
 
 
 @pytest.mark.distributed

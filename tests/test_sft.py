@@ -208,7 +208,6 @@ def test_run_sft_end_to_end_writes_a_loadable_model_and_metrics(tiny_assets, tmp
     np.testing.assert_allclose(float(nll_sum / num_tokens), metrics["eval_loss"], rtol=1e-4)
 
 
-@pytest.mark.slow
 def test_sft_learns_the_example_task(tiny_assets, tmp_path, in_repo):
     """One epoch on data/alpaca/train.jsonl: held-out answer loss falls from ~ln(vocab) towards the data's entropy."""
     metrics = main(
@@ -271,7 +270,8 @@ def test_lora_run_saves_adapters_and_an_equivalent_merged_model(tiny_assets, tmp
     for key, value in merged.state_dict().items():
         np.testing.assert_allclose(reloaded.state_dict()[key].numpy(), value.numpy(), rtol=1e-6, err_msg=key)
     # Intermediate checkpoints hold adapters only; they merge the same way (base from lora_config.json).
-    step2 = merge_lora.main(["--lora_path", os.path.join(output_dir, "checkpoint-2"), "--output_dir", str(tmp_path / "m2")])
+    checkpoint = os.path.join(output_dir, "checkpoint-2")
+    step2 = merge_lora.main(["--lora_path", checkpoint, "--output_dir", str(tmp_path / "m2")])
     assert set(AutoModelForCausalLM.from_pretrained(step2).state_dict()) == set(merged.state_dict())
 
 
@@ -375,14 +375,16 @@ def test_two_process_data_parallel_matches_one_process(tiny_assets, tmp_path, in
         cwd=REPO_ROOT,
     )
     two = json.load(open(os.path.join(double, "all_results.json")))
-    print("MARK", one["eval_loss"], two["eval_loss"], [r["loss"] for r in read_metrics(single) if "loss" in r], [r["loss"] for r in read_metrics(double) if "loss" in r])
     # Same initial weights, same held-out set (sharded over 2 ranks and summed back): same start.
     np.testing.assert_allclose(two["initial_eval_loss"], one["initial_eval_loss"], rtol=1e-5)
-    # Per-step losses track each other (measured: within 2%); the final model is as good.
-    losses = {run: [r["loss"] for r in read_metrics(path) if "loss" in r] for run, path in (("one", single), ("two", double))}
+    # Per-step losses track each other (measured: within 0.3%); so does the final model (0.2%).
+    losses = {
+        run: [record["loss"] for record in read_metrics(path) if "loss" in record]
+        for run, path in (("one", single), ("two", double))
+    }
     assert len(losses["one"]) == len(losses["two"]) == 12
-    np.testing.assert_allclose(losses["two"], losses["one"], rtol=0.04)
-    np.testing.assert_allclose(two["eval_loss"], one["eval_loss"], rtol=0.01)
-    assert two["eval_loss"] < two["initial_eval_loss"] - 1.5
+    np.testing.assert_allclose(losses["two"], losses["one"], rtol=0.01)
+    np.testing.assert_allclose(two["eval_loss"], one["eval_loss"], rtol=0.005)
+    assert two["eval_loss"] < two["initial_eval_loss"] - 1.0
     assert any(name.endswith(".safetensors") for name in os.listdir(double))
     AutoModelForCausalLM.from_pretrained(double)

@@ -155,11 +155,12 @@ def parallel_layout_problems(
     The degrees multiply to the world size: ``world = data x sharding x tensor x pipeline``, data parallel
     taking what is left (``sharding_parallel_degree`` -1 with ``sharding`` set = all of it, as paddlenlp).
     """
+    import paddle
+
     problems = []
     tp, pp = _degree(tensor_parallel_degree), _degree(pipeline_parallel_degree)
     stages = sharding.split() if isinstance(sharding, str) else [str(getattr(o, "value", o)) for o in sharding or []]
-    sharded = bool(stages) and sharding_parallel_degree != 1
-    degree = _degree(sharding_parallel_degree) if sharded and sharding_parallel_degree not in (-1, 0, None) else 1
+    degree = _degree(sharding_parallel_degree) if stages else 1
     model_parallel = tp * pp * degree
     if world_size % model_parallel:
         problems.append((
@@ -172,17 +173,11 @@ def parallel_layout_problems(
         problems.append(("sharding_parallel_degree", "needs sharding (e.g. 'stage1') to be set"))
     if "stage3" in stages:
         problems.append(("sharding", "stage3 is not supported: rollout generation needs the full actor weights on every rank"))
-    if "stage2" in stages and _on_cpu():
+    if "stage2" in stages and paddle.get_device().startswith("cpu"):
         problems.append(("sharding", "stage2 runs on GPU/XPU only (Paddle's group_sharded_parallel); use stage1 on CPU"))
     if pp > 1 and ("stage2" in stages or "stage3" in stages):
         problems.append(("sharding", "pipeline parallel works with sharding stage1 only"))
     return problems
-
-
-def _on_cpu() -> bool:
-    import paddle
-
-    return paddle.get_device().startswith("cpu")
 
 
 def _looks_like_local_path(value: str) -> bool:

@@ -17,8 +17,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
+import paddle.distributed as dist
+from paddlenlp.peft import LoRAConfig, LoRAModel
 from paddlenlp.trainer import TrainingArguments
 from paddlenlp.trainer.trainer_utils import ShardingOption
+from paddlenlp.transformers.model_utils import unwrap_model
 
 from alignment.data import (
     DataArgument,
@@ -44,6 +47,7 @@ __all__ = [
     "build_datasets",
     "load_model",
     "apply_lora",
+    "save_final_model",
     "main",
 ]
 
@@ -122,7 +126,9 @@ def check_arguments(model_args: ModelArgument, data_args: DataArgument, training
     ratio = data_args.eval_split_ratio
     if ratio is not None:
         problems.check(0.0 < ratio < 1.0, "eval_split_ratio", f"must be in (0, 1), got {ratio}")
-        problems.check(not data_args.eval_datasets, "eval_split_ratio", "give eval_datasets or eval_split_ratio, not both")
+        problems.check(
+            not data_args.eval_datasets, "eval_split_ratio", "give eval_datasets or eval_split_ratio, not both"
+        )
         problems.check(bool(data_args.train_datasets), "eval_split_ratio", "splits train_datasets, which is not set")
     if training_args.do_eval:
         problems.check(
@@ -172,16 +178,19 @@ def build_datasets(
     data_args: DataArgument, tokenizer: Any, seed: int, need_train: bool, need_eval: bool
 ) -> tuple[Optional[SupervisedDataset], Optional[SupervisedDataset]]:
     """``(train, eval)`` supervised datasets; eval from ``eval_datasets`` or split off the train mix."""
+
+    def load(datasets: str) -> SupervisedDataset:
+        return SupervisedDataset(datasets, tokenizer, max_length=data_args.max_length, seed=seed)
+
     train_dataset = eval_dataset = None
-    if need_train or data_args.eval_split_ratio is not None:
-        train_dataset = SupervisedDataset(data_args.train_datasets, tokenizer, max_length=data_args.max_length, seed=seed)
+    if need_train or (need_eval and data_args.eval_split_ratio is not None):
+        train_dataset = load(data_args.train_datasets)
     if need_eval:
         if data_args.eval_datasets:
-            eval_dataset = SupervisedDataset(
-                data_args.eval_datasets, tokenizer, max_length=data_args.max_length, seed=seed
-            )
+            eval_dataset = load(data_args.eval_datasets)
         else:
-            train_dataset, eval_dataset = train_dataset.split_train_test(split_ratio=data_args.eval_split_ratio, seed=seed)
+            ratio = data_args.eval_split_ratio
+            train_dataset, eval_dataset = train_dataset.split_train_test(split_ratio=ratio, seed=seed)
     return (train_dataset if need_train else None), eval_dataset
 
 
@@ -217,8 +226,6 @@ def load_model(model_args: ModelArgument, training_args: SFTTrainingArguments, t
 
 def apply_lora(model: Any, model_args: ModelArgument) -> Any:
     """Wrap ``model`` in a ``paddlenlp.peft.LoRAModel`` whose only trainable weights are the adapters."""
-    from paddlenlp.peft import LoRAConfig, LoRAModel
-
     targets = (
         [pattern.strip() for pattern in model_args.lora_target_modules.split(",") if pattern.strip()]
         if model_args.lora_target_modules
@@ -231,8 +238,8 @@ def apply_lora(model: Any, model_args: ModelArgument) -> Any:
         lora_dropout=model_args.lora_dropout,
         merge_weights=False,
         tensor_parallel_degree=model.config.tensor_parallel_degree,
-        dtype=model.config.dtype if hasattr(model.config, "dtype") else None,
-        base_model_name_or_path=model_args.model_name_or_path,
+        dtype=getattr(model.config, "dtype", None),
+        base_model_name_or_path=_absolute_if_local(model_args.model_name_or_path),  # for merge_lora.py
     )
     lora_model = LoRAModel(model, config)
     adapted = [name for name, _ in lora_model.get_trainable_state_dict().items() if "lora_A" in name]
@@ -242,6 +249,10 @@ def apply_lora(model: Any, model_args: ModelArgument) -> Any:
         )
     logger.info("LoRA: %d adapted layers, rank %d, alpha %s", len(adapted), config.r, config.lora_alpha)
     return lora_model
+
+
+def _absolute_if_local(name_or_path: str) -> str:
+    return os.path.abspath(name_or_path) if os.path.isdir(name_or_path) else name_or_path
 
 
 def _prepare_output_dir(training_args: SFTTrainingArguments) -> Optional[str]:
@@ -284,7 +295,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
     except ValueError as error:  # e.g. no eos_token: answers could not be terminated
         raise ConfigError([f"{tokenizer_field}: {error}"]) from error
     train_dataset, eval_dataset = build_datasets(
-        data_args, tokenizer, seed=training_args.seed, need_train=training_args.do_train, need_eval=training_args.do_eval
+        data_args,
+        tokenizer,
+        seed=training_args.seed,
+        need_train=training_args.do_train,
+        need_eval=training_args.do_eval,
     )
     model = load_model(model_args, training_args, tokenizer)
     if model_args.lora:
@@ -312,12 +327,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
         trainer.log_metrics("train", result.metrics)
         trainer.save_metrics("train", result.metrics)
         trainer.save_state()
-        _save_final_model(trainer, model_args, training_args)
+        save_final_model(trainer)
     if training_args.do_eval:
         eval_metrics = _eval_of_current_step(trainer) or trainer.evaluate()
         metrics.update(eval_metrics)
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
+    if training_args.world_size > 1:
+        dist.barrier()  # leave together: no rank tears down the process group while rank 0 still writes
     return metrics
 
 
@@ -331,15 +348,33 @@ def _eval_of_current_step(trainer: SFTTrainer) -> Optional[dict[str, float]]:
     return None
 
 
-def _save_final_model(trainer: SFTTrainer, model_args: ModelArgument, training_args: SFTTrainingArguments) -> None:
-    """A plain (merged) model and the tokenizer in ``output_dir``; LoRA adapters under ``lora_adapter/``."""
-    output_dir = training_args.output_dir
-    if not model_args.lora:
-        trainer.save_model(output_dir)
+def save_final_model(trainer: SFTTrainer, output_dir: Optional[str] = None) -> None:
+    """The whole causal LM as a plain safetensors checkpoint plus the tokenizer, in ``output_dir``.
+
+    LoRA adapters are saved under ``output_dir/lora_adapter`` (as the Trainer saves them) and merged
+    into the weights written to ``output_dir``. Tensor-parallel shards are merged, and sharding stage 3
+    parameters gathered, so the directory loads with ``AutoModelForCausalLM.from_pretrained`` under
+    any layout: it is the PPO actor. Collective: call it on every rank.
+    """
+    args = trainer.args
+    output_dir = output_dir or args.output_dir
+    if ShardingOption.FULL_SHARD in args.sharding:
+        trainer.model_wrapped.get_all_parameters(convert2cpu=True)
+    model = unwrap_model(trainer.model)
+    if isinstance(model, LoRAModel):
+        trainer.save_model(os.path.join(output_dir, LORA_ADAPTER_DIR))
+        if args.should_save:
+            merge_lora_model(model, output_dir, tokenizer=trainer.tokenizer)
         return
-    trainer.save_model(os.path.join(output_dir, LORA_ADAPTER_DIR))
-    if training_args.should_save:
-        merge_lora_model(trainer.model, output_dir, tokenizer=trainer.tokenizer)
+    # One writer per file: the main process, plus its tensor-parallel peers that take part in the merge.
+    merge_tp = args.tensor_parallel_degree > 1
+    if args.should_save or (merge_tp and args.dataset_rank == 0):
+        model.save_pretrained(
+            output_dir, safe_serialization=True, merge_tensor_parallel=merge_tp, is_main_process=args.should_save
+        )
+    if args.should_save and trainer.tokenizer is not None:
+        trainer.tokenizer.save_pretrained(output_dir)
+    logger.info("Saved the SFT model and tokenizer to %s", output_dir)
 
 
 if __name__ == "__main__":
