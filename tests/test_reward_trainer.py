@@ -23,13 +23,13 @@ from alignment.rm.reward_trainer import (
     PairCounter,
     RewardTrainer,
     RewardTrainingArguments,
-    SeededDistributedBatchSampler,
     reward_metrics,
     score_pairs,
 )
 from alignment.rm.run_reward import ModelArgument, build_datasets, load_model, main
 from alignment.utils.config import ConfigError, field_types, load_argument_file
 from alignment.utils.metrics import read_metrics
+from alignment.utils.trainer import SeededDistributedBatchSampler
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = f"PKU-SafeRLHF/train:{{n}}/-1:{REPO / 'data/safe_rlhf/train.jsonl'}"

@@ -18,11 +18,12 @@ from typing import Any, Optional
 import numpy as np
 import paddle
 import paddle.distributed as dist
-from paddlenlp.trainer import Trainer, TrainingArguments
-from paddlenlp.trainer.trainer_utils import has_length
+from paddlenlp.trainer import Trainer
 
 from alignment.models.score_model_utils import reward_sequence_loss, reward_token_loss
 from alignment.utils.config import ConfigError
+from alignment.utils.stage import StageTrainingArguments
+from alignment.utils.trainer import ReliableTrainerMixin
 
 __all__ = [
     "LOSS_TYPES",
@@ -32,7 +33,6 @@ __all__ = [
     "pairwise_loss",
     "reward_metrics",
     "PairCounter",
-    "SeededDistributedBatchSampler",
     "RewardTrainer",
 ]
 
@@ -41,8 +41,8 @@ LOSS_TYPES = ("sequence-wise", "token-wise")
 
 
 @dataclass
-class RewardTrainingArguments(TrainingArguments):
-    """PaddleNLP ``TrainingArguments`` plus the reward-model loss options."""
+class RewardTrainingArguments(StageTrainingArguments):
+    """PaddleNLP ``TrainingArguments`` plus ``eval_before_training`` and the reward-model loss options."""
 
     loss_type: str = field(
         default="sequence-wise",
@@ -55,9 +55,6 @@ class RewardTrainingArguments(TrainingArguments):
     regularization: float = field(
         default=0.001,
         metadata={"help": "Weight of the reward-size penalty reg * (mean l^2 + mean h^2) added to the loss (>= 0)."},
-    )
-    eval_before_training: bool = field(
-        default=False, metadata={"help": "Evaluate once before the first step (logged at step 0) as a baseline."}
     )
 
     def __post_init__(self) -> None:
@@ -186,29 +183,12 @@ class PairCounter:
         return correct / pairs if pairs > 0 else None
 
 
-class SeededDistributedBatchSampler(paddle.io.DistributedBatchSampler):
-    """``DistributedBatchSampler`` whose shuffle is seeded by ``seed + epoch`` (Paddle's uses ``epoch``).
-
-    Used with any number of data-parallel ranks, including one, so that the global batches (the union
-    of the ranks' batches of a step) are the same for every data-parallel degree with the same global
-    batch size: a 2-process run then reproduces the 1-process loss curve.
-    """
-
-    def __init__(self, *args: Any, seed: int = 0, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.seed = int(seed)
-        self.epoch = self.seed
-
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(self.seed + epoch)
-
-
 # --------------------------------------------------------------------------------------------------
 # Trainer
 # --------------------------------------------------------------------------------------------------
 
 
-class RewardTrainer(Trainer):
+class RewardTrainer(ReliableTrainerMixin, Trainer):
     """PaddleNLP ``Trainer`` for pairwise reward-model training.
 
     * ``compute_loss``: one forward pass of ``concat(better, worse)`` and :func:`pairwise_loss` with
@@ -220,32 +200,16 @@ class RewardTrainer(Trainer):
       over the whole evaluation set gathered from every rank (the sampler's padding repeats are cut),
       and ``eval_loss``, PaddleNLP's batch-size-weighted mean of batch losses (which keeps those repeats).
       ``predict`` returns the end rewards ``[N, 2]``.
-    * Data order: :class:`SeededDistributedBatchSampler` for any number of ranks.
+    * From :class:`~alignment.utils.trainer.ReliableTrainerMixin`: atomic checkpoints, a stop on a
+      non-finite loss, and the same global batches for any number of ranks.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, RewardTrainingArguments):
             raise TypeError(f"RewardTrainer needs RewardTrainingArguments, got {type(self.args).__name__}")
-        # PaddleNLP sets these only when training starts; until then every rank would claim to be the main
-        # process, and callbacks would log an evaluation run before training (eval_before_training) twice.
-        self.state.is_world_process_zero = self.is_world_process_zero()
-        self.state.is_local_process_zero = self.is_local_process_zero()
         self._interval_accuracy = PairCounter()
         self._run_accuracy = PairCounter()
-
-    def _get_train_sampler(self) -> Optional[paddle.io.BatchSampler]:
-        if self.train_dataset is None or not has_length(self.train_dataset):
-            return None
-        return SeededDistributedBatchSampler(
-            self.train_dataset,
-            batch_size=self.args.per_device_train_batch_size,
-            shuffle=True,
-            num_replicas=max(1, self.args.dataset_world_size),
-            rank=self.args.dataset_rank if self.args.dataset_world_size > 1 else 0,
-            drop_last=self.args.dataloader_drop_last,
-            seed=self.args.seed,
-        )
 
     def compute_loss(self, model, inputs, return_outputs=False):  # noqa: D401 - Trainer hook
         rewards = score_pairs(model, inputs)

@@ -17,27 +17,33 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-import paddle.distributed as dist
 from paddlenlp.peft import LoRAConfig, LoRAModel
-from paddlenlp.trainer import TrainingArguments
 from paddlenlp.trainer.trainer_utils import ShardingOption
 from paddlenlp.transformers.model_utils import unwrap_model
 
 from alignment.data import (
     DataArgument,
-    DatasetError,
     SupervisedDataset,
     import_custom_dataset_modules,
     load_tokenizer,
-    parse_datasets,
 )
 from alignment.sft.merge_lora import LORA_ADAPTER_DIR, merge_lora_model
 from alignment.sft.sft_trainer import SFTTrainer
-from alignment.utils.checkpoint import get_last_checkpoint, verify_checkpoint
 from alignment.utils.config import ConfigError, Problems, parse_arguments
 from alignment.utils.env import configure_cpu_threads, enable_mkl_avx2_on_amd
-from alignment.utils.metrics import METRICS_FILE, JsonlLoggingCallback
+from alignment.utils.metrics import JsonlLoggingCallback
 from alignment.utils.signals import exit_clearly_on_sigterm
+from alignment.utils.stage import (
+    StageTrainingArguments,
+    build_train_eval_datasets,
+    check_data_arguments,
+    check_model_paths,
+    check_tokenizer_fits,
+    prepare_output_dir,
+    run_stage,
+    save_pretrained_final,
+    training_dtype,
+)
 
 __all__ = [
     "ModelArgument",
@@ -93,12 +99,8 @@ class ModelArgument:
 
 
 @dataclass
-class SFTTrainingArguments(TrainingArguments):
-    """PaddleNLP ``TrainingArguments`` plus SFT's own switches."""
-
-    eval_before_training: bool = field(
-        default=False, metadata={"help": "Evaluate once before the first step (logged at step 0) as a baseline."}
-    )
+class SFTTrainingArguments(StageTrainingArguments):
+    """PaddleNLP ``TrainingArguments`` plus ``eval_before_training``."""
 
 
 def check_arguments(model_args: ModelArgument, data_args: DataArgument, training_args: SFTTrainingArguments) -> None:
@@ -107,38 +109,13 @@ def check_arguments(model_args: ModelArgument, data_args: DataArgument, training
     Custom dataset modules must be imported first, so that their names resolve.
     """
     problems = Problems()
+    check_model_paths(
+        problems,
+        model_name_or_path=model_args.model_name_or_path,
+        tokenizer_name_or_path=model_args.tokenizer_name_or_path,
+    )
     problems.check(bool(model_args.model_name_or_path), "model_name_or_path", "required")
-    problems.check(
-        training_args.do_train or training_args.do_eval,
-        "do_train",
-        "nothing to do: set do_train and/or do_eval (or an evaluation_strategy)",
-    )
-    problems.check(
-        not training_args.do_train or bool(data_args.train_datasets),
-        "train_datasets",
-        "required with do_train (comma-separated name[:proportion[:path]], e.g. alpaca:1:data/alpaca/train.jsonl)",
-    )
-    for name in ("train_datasets", "eval_datasets"):
-        try:
-            parse_datasets(getattr(data_args, name))
-        except DatasetError as error:
-            problems.add(name, str(error))
-    ratio = data_args.eval_split_ratio
-    if ratio is not None:
-        problems.check(0.0 < ratio < 1.0, "eval_split_ratio", f"must be in (0, 1), got {ratio}")
-        problems.check(
-            not data_args.eval_datasets, "eval_split_ratio", "give eval_datasets or eval_split_ratio, not both"
-        )
-        problems.check(bool(data_args.train_datasets), "eval_split_ratio", "splits train_datasets, which is not set")
-    if training_args.do_eval:
-        problems.check(
-            bool(data_args.eval_datasets) or ratio is not None,
-            "eval_datasets",
-            "do_eval (or an evaluation_strategy other than 'no') needs eval_datasets or eval_split_ratio",
-        )
-    if training_args.eval_before_training:
-        problems.check(training_args.do_eval, "eval_before_training", "needs do_eval and an evaluation dataset")
-    problems.check(data_args.max_length >= 2, "max_length", f"must be at least 2 tokens, got {data_args.max_length}")
+    check_data_arguments(problems, data_args, training_args, example="alpaca:1:data/alpaca/train.jsonl")
     problems.check(
         training_args.pipeline_parallel_degree <= 1,
         "pipeline_parallel_degree",
@@ -178,49 +155,21 @@ def build_datasets(
     data_args: DataArgument, tokenizer: Any, seed: int, need_train: bool, need_eval: bool
 ) -> tuple[Optional[SupervisedDataset], Optional[SupervisedDataset]]:
     """``(train, eval)`` supervised datasets; eval from ``eval_datasets`` or split off the train mix."""
-
-    def load(datasets: str) -> SupervisedDataset:
-        return SupervisedDataset(datasets, tokenizer, max_length=data_args.max_length, seed=seed)
-
-    train_dataset = eval_dataset = None
-    if need_train or (need_eval and data_args.eval_split_ratio is not None):
-        train_dataset = load(data_args.train_datasets)
-    if need_eval:
-        if data_args.eval_datasets:
-            eval_dataset = load(data_args.eval_datasets)
-        else:
-            ratio = data_args.eval_split_ratio
-            train_dataset, eval_dataset = train_dataset.split_train_test(split_ratio=ratio, seed=seed)
-    return (train_dataset if need_train else None), eval_dataset
+    return build_train_eval_datasets(SupervisedDataset, data_args, tokenizer, seed, need_train, need_eval)
 
 
 def load_model(model_args: ModelArgument, training_args: SFTTrainingArguments, tokenizer: Any) -> Any:
     """The causal LM to fine-tune, in the training dtype, checked against the tokenizer."""
     from paddlenlp.transformers import AutoModelForCausalLM
 
-    dtype = "float32"
-    if training_args.fp16_opt_level == "O2":  # pure half precision; O1 keeps float32 weights
-        dtype = "bfloat16" if training_args.bf16 else "float16" if training_args.fp16 else "float32"
     model = AutoModelForCausalLM.from_pretrained(
         model_args.model_name_or_path,
-        dtype=dtype,
+        dtype=training_dtype(training_args),
         use_flash_attention=model_args.use_flash_attention,
         tensor_parallel_degree=training_args.tensor_parallel_degree,
         tensor_parallel_rank=training_args.tensor_parallel_rank,
     )
-    vocab_size = model.config.vocab_size
-    if len(tokenizer) > vocab_size:
-        raise ConfigError(
-            [
-                f"tokenizer_name_or_path: the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has "
-                f"{vocab_size}; use the tokenizer the model was trained with"
-            ]
-        )
-    # The PPO stages read these from the saved config.
-    model.config.eos_token_id = tokenizer.eos_token_id
-    model.config.pad_token_id = tokenizer.pad_token_id
-    if tokenizer.bos_token_id is not None:
-        model.config.bos_token_id = tokenizer.bos_token_id
+    check_tokenizer_fits(model, tokenizer, "tokenizer_name_or_path")
     return model
 
 
@@ -255,27 +204,6 @@ def _absolute_if_local(name_or_path: str) -> str:
     return os.path.abspath(name_or_path) if os.path.isdir(name_or_path) else name_or_path
 
 
-def _prepare_output_dir(training_args: SFTTrainingArguments) -> Optional[str]:
-    """The verified checkpoint to resume from, if any; a fresh run starts a fresh metrics.jsonl.
-
-    ``resume_from_checkpoint``: a checkpoint directory, or ``auto`` for the newest complete one in
-    ``output_dir``. Unset, an existing ``output_dir`` is resumed unless ``overwrite_output_dir``.
-    """
-    resume = training_args.resume_from_checkpoint
-    auto = resume == "auto" or (resume is None and not training_args.overwrite_output_dir)
-    if auto:
-        resume = get_last_checkpoint(training_args.output_dir) if training_args.do_train else None
-        if resume is not None:
-            logger.info("Resuming from %s (set overwrite_output_dir to start over)", resume)
-    elif resume is not None:
-        verify_checkpoint(resume)
-    if resume is None and training_args.do_train and training_args.should_save:
-        stale = os.path.join(training_args.output_dir, METRICS_FILE)
-        if os.path.exists(stale):
-            os.remove(stale)
-    return resume
-
-
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
     """Run SFT with ``argv`` (default ``sys.argv[1:]``); returns the final train and eval metrics."""
     enable_mkl_avx2_on_amd()
@@ -305,7 +233,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
     if model_args.lora:
         model = apply_lora(model, model_args)
 
-    resume = _prepare_output_dir(training_args)
+    resume = prepare_output_dir(training_args)
     trainer = SFTTrainer(
         model=model,
         args=training_args,
@@ -315,37 +243,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
         data_collator=(train_dataset or eval_dataset).get_collator(shift=True),
         callbacks=[JsonlLoggingCallback()],
     )
-
-    metrics: dict[str, float] = {}
-    if training_args.do_train:
-        if training_args.eval_before_training and resume is None:
-            initial = {f"initial_{key}": value for key, value in trainer.evaluate().items()}  # logged at step 0
-            metrics.update(initial)
-            trainer.save_metrics("initial_eval", initial)
-        result = trainer.train(resume_from_checkpoint=resume)
-        metrics.update(result.metrics)
-        trainer.log_metrics("train", result.metrics)
-        trainer.save_metrics("train", result.metrics)
-        trainer.save_state()
-        save_final_model(trainer)
-    if training_args.do_eval:
-        eval_metrics = _eval_of_current_step(trainer) or trainer.evaluate()
-        metrics.update(eval_metrics)
-        trainer.log_metrics("eval", eval_metrics)
-        trainer.save_metrics("eval", eval_metrics)
-    if training_args.world_size > 1:
-        dist.barrier()  # leave together: no rank tears down the process group while rank 0 still writes
-    return metrics
-
-
-def _eval_of_current_step(trainer: SFTTrainer) -> Optional[dict[str, float]]:
-    """The evaluation the Trainer already ran at the final step (e.g. the last epoch's), if any."""
-    for record in reversed(trainer.state.log_history):
-        if record.get("step") != trainer.state.global_step:
-            break
-        if "eval_loss" in record:
-            return {key: value for key, value in record.items() if key.startswith("eval_")}
-    return None
+    return run_stage(trainer, training_args, resume, save_final_model)
 
 
 def save_final_model(trainer: SFTTrainer, output_dir: Optional[str] = None) -> None:
@@ -358,24 +256,14 @@ def save_final_model(trainer: SFTTrainer, output_dir: Optional[str] = None) -> N
     """
     args = trainer.args
     output_dir = output_dir or args.output_dir
-    if ShardingOption.FULL_SHARD in args.sharding:
-        trainer.model_wrapped.get_all_parameters(convert2cpu=True)
     model = unwrap_model(trainer.model)
     if isinstance(model, LoRAModel):
         trainer.save_model(os.path.join(output_dir, LORA_ADAPTER_DIR))
         if args.should_save:
             merge_lora_model(model, output_dir, tokenizer=trainer.tokenizer)
         return
-    # One writer per file: the main process, plus its tensor-parallel peers that take part in the merge.
-    merge_tp = args.tensor_parallel_degree > 1
-    if args.should_save or (merge_tp and args.dataset_rank == 0):
-        model.save_pretrained(
-            output_dir, safe_serialization=True, merge_tensor_parallel=merge_tp, is_main_process=args.should_save
-        )
-    if args.should_save and trainer.tokenizer is not None:
-        trainer.tokenizer.save_pretrained(output_dir)
+    save_pretrained_final(trainer, output_dir)
     logger.info("Saved the SFT model and tokenizer to %s", output_dir)
-
 
 if __name__ == "__main__":
     main()

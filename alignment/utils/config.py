@@ -28,7 +28,7 @@ import sys
 import typing
 from typing import Any, Iterable, Sequence
 
-__all__ = ["ConfigError", "Problems", "load_argument_file", "parse_arguments", "field_types"]
+__all__ = ["ConfigError", "Problems", "load_argument_file", "parse_arguments", "field_types", "looks_like_local_path"]
 
 
 class ConfigError(ValueError):
@@ -62,6 +62,12 @@ class Problems:
 
     def __bool__(self) -> bool:
         return bool(self.items)
+
+
+def looks_like_local_path(name: str) -> bool:
+    """True for model names that can only be local paths: absolute, ``./``, ``../``, ``~``, or more
+    than one ``/`` (hub names are ``owner/name`` or a bare name). Such a path must exist."""
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
 
 
 def load_argument_file(path: str) -> dict[str, Any]:

@@ -8,6 +8,8 @@
   checkpoints rotate by ``save_total_limit`` only after that (the best one is kept).
 * **non-finite loss detection**: a NaN/inf training loss stops the run at the step it happens,
   before the optimizer applies it, with a summary of the offending batch.
+* **data order independent of the number of ranks**: :class:`SeededDistributedBatchSampler`, so a
+  2-process run sees the same global batches as a 1-process run with the same global batch size.
 
 Loading a checkpoint to resume goes through PaddleNLP's own code, which reads Paddle's
 pickle-based ``optimizer.pdopt``/``rng_state.pth``; it only happens when the user asks for it
@@ -27,7 +29,7 @@ import paddle.distributed as dist
 
 from alignment.utils.checkpoint import publish_directory, rotate_checkpoints
 
-__all__ = ["ReliableTrainerMixin", "NonFiniteLossError", "batch_summary"]
+__all__ = ["ReliableTrainerMixin", "SeededDistributedBatchSampler", "NonFiniteLossError", "batch_summary"]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -53,8 +55,48 @@ def _barrier() -> None:
         dist.barrier()
 
 
+class SeededDistributedBatchSampler(paddle.io.DistributedBatchSampler):
+    """``DistributedBatchSampler`` whose shuffle is seeded by ``seed + epoch`` (Paddle's uses ``epoch``).
+
+    Used with any number of data-parallel ranks, including one, so that the global batches (the union
+    of the ranks' batches of a step) are the same for every data-parallel degree with the same global
+    batch size: a 2-process run then reproduces the 1-process loss curve.
+    """
+
+    def __init__(self, *args: Any, seed: int = 0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.seed = int(seed)
+        self.epoch = self.seed
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(self.seed + epoch)
+
+
 class ReliableTrainerMixin:
-    """Atomic checkpoints and non-finite loss detection for a ``paddlenlp.trainer.Trainer``."""
+    """Atomic checkpoints, non-finite loss detection and rank-independent data order for a
+    ``paddlenlp.trainer.Trainer`` (put it first among the bases)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # PaddleNLP sets these only when training starts; until then every rank would claim to be the
+        # main process, and callbacks would log an evaluation before training once per rank.
+        self.state.is_world_process_zero = self.is_world_process_zero()
+        self.state.is_local_process_zero = self.is_local_process_zero()
+
+    def _get_train_sampler(self):  # noqa: D401 - Trainer hook
+        from paddlenlp.trainer.trainer_utils import has_length
+
+        if self.train_dataset is None or not has_length(self.train_dataset):
+            return None
+        return SeededDistributedBatchSampler(
+            self.train_dataset,
+            batch_size=self.args.per_device_train_batch_size,
+            shuffle=True,
+            num_replicas=max(1, self.args.dataset_world_size),
+            rank=self.args.dataset_rank if self.args.dataset_world_size > 1 else 0,
+            drop_last=self.args.dataloader_drop_last,
+            seed=self.args.seed,
+        )
 
     def training_step(self, model, inputs):  # noqa: D401 - Trainer hook
         loss = super().training_step(model, inputs)
