@@ -1,4 +1,5 @@
-"""PPO under sharding stage 1, tensor parallel 2 and pipeline parallel 2 (2 CPU processes) == one process.
+"""PPO under sharding stage 1, tensor parallel 2, pipeline parallel 2 (2 CPU processes), TP 2 x PP 2 and
+TP 2 x data parallel 2 (4 processes) == one process.
 
 Every distributed job runs ``run_ppo.main`` on several configs in a row (``dist_scripts/ppo_runs.py``: the
 first config initialises fleet, the others share its layout) and is compared with single-process runs of the
@@ -10,7 +11,7 @@ same global batch and seed:
   the gradient scale, so a clipping norm computed over part of the model (one TP shard, one pipeline
   stage, one optimizer shard) would move the weights by ~7e-5 (measured with the norm off by sqrt(2));
   the parallel runs agree with one process to ~1e-7, and the tests allow 1e-5.
-* each layout also resumes from its own step-1 checkpoint and must reproduce step 2.
+* the sharding, TP and PP runs also resume from their own step-1 checkpoint and must reproduce step 2.
 
 Loading across TP degrees: every TP=2 run starts from TP=1 checkpoints (the tiny actor and score model,
 split on load) and writes merged TP=1 checkpoints (``output_dir/policy``, ``value``, ``checkpoint-*``),
@@ -97,7 +98,7 @@ SHARDED = {  # 2 data-parallel ranks x 2 prompts = the same global batch
 
 
 class Runs:
-    """Writes configs named ``name`` under ``root`` and runs them (1 process or a 2-process job)."""
+    """Writes configs named ``name`` under ``root`` and runs them (in one process or an ``nproc``-process job)."""
 
     def __init__(self, root: Path, base: dict):
         self.root = root

@@ -102,6 +102,14 @@ def test_greedy_with_repetition_penalty_and_forced_length():
     np.testing.assert_array_equal(fast.numpy(), plain.numpy())
 
 
+def test_one_token_prompts():
+    model = tiny_llama(num_kv_heads=2)
+    ids, mask = paddle.to_tensor([[5], [9]], dtype="int64"), paddle.ones([2, 1], dtype="int64")
+    np.testing.assert_array_equal(
+        greedy(model, ids, mask, "fast", eos_token_id=-1).numpy(), greedy(model, ids, mask, "plain", eos_token_id=-1).numpy()
+    )
+
+
 def test_num_return_sequences_is_row_major():
     model = tiny_llama()
     ids, mask = prompts()

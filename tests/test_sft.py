@@ -275,13 +275,15 @@ def test_lora_run_saves_adapters_and_an_equivalent_merged_model(tiny_assets, tmp
     assert set(AutoModelForCausalLM.from_pretrained(step2).state_dict()) == set(merged.state_dict())
 
 
-def test_an_existing_output_dir_resumes_from_its_last_checkpoint(tiny_assets, tmp_path, in_repo):
+def test_resume_is_opt_in_and_continues_from_the_last_checkpoint(tiny_assets, tmp_path, in_repo):
     output_dir = str(tmp_path / "sft")
     common = dict(save_strategy="steps", save_steps=2, eval_before_training="false", overwrite_output_dir="false")
     main(run_args(tiny_assets["llama"], output_dir, max_steps=2, **common))
     assert os.path.isfile(os.path.join(output_dir, "checkpoint-2", "manifest.json"))  # complete, verifiable
     first = read_metrics(output_dir)
-    main(run_args(tiny_assets["llama"], output_dir, max_steps=4, **common))
+    with pytest.raises(ConfigError, match="already holds checkpoint-2; pass --resume_from_checkpoint auto"):
+        main(run_args(tiny_assets["llama"], output_dir, max_steps=4, **common))
+    main(run_args(tiny_assets["llama"], output_dir, max_steps=4, resume_from_checkpoint="auto", **common))
     records = read_metrics(output_dir)
     assert records[: len(first)] == first  # the first run's log is kept (a fresh start would rewrite it)...
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]  # ...and continued from step 3

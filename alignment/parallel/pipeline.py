@@ -3,8 +3,10 @@
 Design note
 -----------
 Paddle's ``PipelineLayer``/``PipelineParallel`` cannot be constructed on CPU (``ParallelEnv`` has no
-``_device_id``), so on GPU users run the stock path (paddlenlp ``LlamaForCausalLMPipe`` + 1F1B) and on CPU we
-use this small engine. It is an honest pipeline, not a simulation:
+``_device_id``), so we use this small engine instead; PPO (``alignment/ppo``) uses it on every device, since
+``send``/``recv`` exist on NCCL as on gloo (GPU: expected to work, not verified here; paddlenlp's
+``LlamaForCausalLMPipe`` + 1F1B remain the faster stock path for plain LM training). It is an honest
+pipeline, not a simulation:
 
 * ``PipelineStage`` is stage ``s`` of ``S``: stage 0 owns the token embedding, every stage owns a contiguous
   slice of decoder layers (Paddle's "uniform" split: later stages take the remainder), the last stage owns
@@ -165,6 +167,8 @@ class PipelineStage(nn.Layer):
     ``forward(batch)`` takes the micro-batch dict (``input_ids`` used on stage 0; ``attention_mask``
     ``[B, L]`` and ``position_ids`` ``[B, L]`` optional, used on all stages) and, on stages > 0, the received
     hidden states ``[B, L, H]``. It returns hidden states ``[B, L, H]``, or the head output on the last stage.
+    ``config`` and ``model_class`` (the full model's class, whose tensor-parallel split/merge rules apply to
+    the stage's weights) stay available for checkpoint conversion.
     """
 
     def __init__(
@@ -192,7 +196,7 @@ class PipelineStage(nn.Layer):
         start, end = ranges[stage_id]
 
         self.config = config
-        self.model_class = type(model)  # its tensor-parallel split/merge rules apply to this stage's weights
+        self.model_class = type(model)
         self.stage_id = stage_id
         self.num_stages = num_stages
         self.layer_range = (start, end)

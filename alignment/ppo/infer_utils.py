@@ -254,6 +254,7 @@ def _generate_fast(model, input_ids, attention_mask, max_new_tokens, params, eos
 
 
 def _generate_fused(model, input_ids, attention_mask, max_new_tokens, params, eos_token_id, pad_token_id, stop_at_eos):
+    """paddlenlp's fused inference model (GPU) with the training weights swapped in; padded after EOS."""
     runner = FusedInferenceModel.for_model(model)
     generated = runner.generate(
         input_ids, attention_mask, max_new_tokens, params, eos_token_id, pad_token_id, stop_at_eos=stop_at_eos

@@ -31,7 +31,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import paddle

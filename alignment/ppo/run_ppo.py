@@ -24,7 +24,7 @@ from typing import Any, Optional
 from paddlenlp.trainer import TrainingArguments as PaddleTrainingArguments
 
 from alignment.data.arguments import DataArgument as BaseDataArgument
-from alignment.utils.config import Problems
+from alignment.utils.config import Problems, looks_like_local_path
 
 __all__ = [
     "ModelArgument",
@@ -180,11 +180,6 @@ def parallel_layout_problems(
     return problems
 
 
-def _looks_like_local_path(value: str) -> bool:
-    """``/x``, ``./x``, ``../x`` and ``~/x`` are local paths; ``org/name`` may be a hub model id."""
-    return value.startswith(("/", "./", "../", "~"))
-
-
 def validate_arguments(model_args: ModelArgument, data_args: DataArgument, args: TrainingArguments, source: str | None = None) -> None:
     """Check the whole configuration before any model loads; report every problem at once."""
     problems = Problems(source)
@@ -193,7 +188,7 @@ def validate_arguments(model_args: ModelArgument, data_args: DataArgument, args:
         problems.check(getattr(model_args, name) is not None, name, "is required")
     for name in ("actor_model_name_or_path", "reward_model_name_or_path", "reward_critic_model_name_or_path"):
         value = getattr(model_args, name)
-        if value and _looks_like_local_path(value) and not os.path.exists(os.path.expanduser(value)):
+        if value and looks_like_local_path(value) and not os.path.exists(os.path.expanduser(value)):
             problems.add(name, f"path {value!r} does not exist")
     problems.check(0 < args.top_p <= 1, "top_p", f"must be in (0, 1], got {args.top_p}")
     problems.check(args.temperature >= 0, "temperature", f"must be >= 0, got {args.temperature}")

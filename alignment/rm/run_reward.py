@@ -30,7 +30,7 @@ from alignment.rm.reward_trainer import RewardTrainer, RewardTrainingArguments
 from alignment.utils.config import ConfigError, Problems, parse_arguments
 from alignment.utils.env import configure_cpu_threads, enable_mkl_avx2_on_amd
 from alignment.utils.metrics import JsonlLoggingCallback
-from alignment.utils.signals import exit_clearly_on_sigterm
+from alignment.utils.signals import exit_after_distributed_run, exit_clearly_on_sigterm
 from alignment.utils.stage import (
     build_train_eval_datasets,
     check_data_arguments,
@@ -221,3 +221,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
 
 if __name__ == "__main__":
     main()
+    exit_after_distributed_run()

@@ -32,7 +32,7 @@ from alignment.sft.sft_trainer import SFTTrainer
 from alignment.utils.config import ConfigError, Problems, parse_arguments
 from alignment.utils.env import configure_cpu_threads, enable_mkl_avx2_on_amd
 from alignment.utils.metrics import JsonlLoggingCallback
-from alignment.utils.signals import exit_clearly_on_sigterm
+from alignment.utils.signals import exit_after_distributed_run, exit_clearly_on_sigterm
 from alignment.utils.stage import (
     StageTrainingArguments,
     build_train_eval_datasets,
@@ -267,3 +267,4 @@ def save_final_model(trainer: SFTTrainer, output_dir: Optional[str] = None) -> N
 
 if __name__ == "__main__":
     main()
+    exit_after_distributed_run()

@@ -132,16 +132,26 @@ def build_train_eval_datasets(
 def prepare_output_dir(training_args: Any) -> Optional[str]:
     """The verified checkpoint to resume from, if any; a fresh run starts a fresh metrics.jsonl.
 
-    ``resume_from_checkpoint``: a checkpoint directory, or ``auto`` for the newest complete one in
-    ``output_dir``. Unset, an existing ``output_dir`` is resumed unless ``overwrite_output_dir``.
+    Resuming is opt-in, because PaddleNLP ``Trainer`` checkpoints hold Paddle's pickle-based
+    optimizer/RNG files: ``resume_from_checkpoint`` is a checkpoint directory, or ``auto`` for the
+    newest complete one in ``output_dir``. An ``output_dir`` that already holds checkpoints needs one
+    of ``resume_from_checkpoint`` or ``overwrite_output_dir`` (no silent mixing of two runs).
     """
     resume = training_args.resume_from_checkpoint
-    if resume in ("auto", "true", "True") or (resume is None and not training_args.overwrite_output_dir):
+    if resume in ("auto", "true", "True"):
         resume = get_last_checkpoint(training_args.output_dir) if training_args.do_train else None
-        if resume is not None:
-            logger.info("Resuming from %s (set overwrite_output_dir to start over)", resume)
+        logger.info("resume_from_checkpoint=auto: %s", resume or "no complete checkpoint, starting fresh")
     elif resume is not None:
         verify_checkpoint(resume)
+    elif training_args.do_train and not training_args.overwrite_output_dir:
+        existing = get_last_checkpoint(training_args.output_dir)
+        if existing is not None:
+            raise ConfigError(
+                [
+                    f"output_dir: {training_args.output_dir!r} already holds {os.path.basename(existing)}; pass "
+                    "--resume_from_checkpoint auto to continue that run, or --overwrite_output_dir true to start over"
+                ]
+            )
     if resume is None and training_args.do_train and training_args.should_save:
         stale = os.path.join(training_args.output_dir, METRICS_FILE)
         if os.path.exists(stale):
