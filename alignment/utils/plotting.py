@@ -33,7 +33,13 @@ def plot_metrics(
     for axis, key in zip(_flat(axes), present):
         points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
         steps, values = zip(*points)
-        axis.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3)
+        if len(points) >= 12:  # noisy per-step values: faint raw curve plus a moving average
+            window = max(3, len(points) // 10)
+            axis.plot(steps, values, alpha=0.3, linewidth=1)
+            axis.plot(steps[window - 1 :], _moving_average(values, window), linewidth=2, label=f"mean of {window}")
+            axis.legend(fontsize=7, loc="best")
+        else:
+            axis.plot(steps, values, marker="o", markersize=3)
         axis.set_title(key)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
@@ -46,6 +52,13 @@ def plot_metrics(
     figure.savefig(output_png, dpi=90)
     plt.close(figure)
     return present
+
+
+def _moving_average(values: Sequence[float], window: int) -> list[float]:
+    sums = [0.0]
+    for value in values:
+        sums.append(sums[-1] + value)
+    return [(sums[i] - sums[i - window]) / window for i in range(window, len(sums))]
 
 
 def _flat(axes) -> Iterable:
