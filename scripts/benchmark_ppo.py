@@ -124,10 +124,9 @@ def build_trainer(args: argparse.Namespace, output_dir: str):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from alignment.utils.env import configure_cpu_threads, enable_mkl_avx2_on_amd
+    from alignment.utils.env import setup_cpu_runtime
 
-    enable_mkl_avx2_on_amd()
-    threads = configure_cpu_threads(args.threads)
+    threads = setup_cpu_runtime(args.threads)
     import logging
 
     logging.getLogger("alignment").setLevel(logging.WARNING)

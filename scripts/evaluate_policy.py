@@ -96,10 +96,9 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from alignment.utils.env import configure_cpu_threads, enable_mkl_avx2_on_amd
+    from alignment.utils.env import setup_cpu_runtime
 
-    enable_mkl_avx2_on_amd()
-    configure_cpu_threads()
+    setup_cpu_runtime()
     result = evaluate(args)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w", encoding="utf-8") as file:

@@ -22,6 +22,16 @@ from alignment.utils.env import enable_mkl_avx2_on_amd  # noqa: E402
 enable_mkl_avx2_on_amd()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fast_cpu_llama():
+    """Run every test with the CPU Llama kernels the entry points install (tests/test_llama_cpu.py
+    compares them with PaddleNLP's own)."""
+    from alignment.models.llama_cpu import enable_fast_cpu_llama
+
+    enable_fast_cpu_llama()
+    yield
+
+
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory) -> dict[str, str]:
     """``{"tokenizer": dir, "llama": dir}``: the deterministic tiny tokenizer and random Llama."""

@@ -459,15 +459,14 @@ def build_trainer(model_args: ModelArgument, data_args: DataArgument, args: Trai
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse arguments, train, evaluate, save ``output_dir/{policy,value}``; returns final metrics."""
     from alignment.utils.config import parse_arguments
-    from alignment.utils.env import configure_cpu_threads, enable_mkl_avx2_on_amd
+    from alignment.utils.env import setup_cpu_runtime
     from alignment.utils.checkpoint import get_last_checkpoint
 
     argv = list(sys.argv[1:] if argv is None else argv)
     source = argv[0] if argv and not argv[0].startswith("--") else None
     model_args, data_args, args = parse_arguments((ModelArgument, DataArgument, TrainingArguments), argv)
     validate_arguments(model_args, data_args, args, source)
-    enable_mkl_avx2_on_amd()
-    configure_cpu_threads()
+    setup_cpu_runtime()
     _configure_logging()
 
     trainer = build_trainer(model_args, data_args, args, source)

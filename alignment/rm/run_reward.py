@@ -28,7 +28,7 @@ from alignment.models import AutoModelForScore
 from alignment.models.score_model_utils import NORMALIZER_TYPES
 from alignment.rm.reward_trainer import RewardTrainer, RewardTrainingArguments
 from alignment.utils.config import ConfigError, Problems, parse_arguments
-from alignment.utils.env import configure_cpu_threads, enable_mkl_avx2_on_amd
+from alignment.utils.env import setup_cpu_runtime
 from alignment.utils.metrics import JsonlLoggingCallback
 from alignment.utils.signals import exit_after_distributed_run, exit_clearly_on_sigterm
 from alignment.utils.stage import (
@@ -186,8 +186,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
     (``eval_accuracy``, ``eval_rewards_mean``, ``eval_rewards_std``, ``eval_loss``) and, with
     ``eval_before_training``, the same evaluation of the initial model prefixed ``initial_``.
     """
-    enable_mkl_avx2_on_amd()
-    configure_cpu_threads()
+    setup_cpu_runtime()
     model_args, data_args, training_args = parse_arguments((ModelArgument, DataArgument, RewardTrainingArguments), argv)
     import_custom_dataset_modules(data_args.custom_dataset_modules)
     check_arguments(model_args, data_args, training_args)

@@ -30,7 +30,7 @@ from alignment.data import (
 from alignment.sft.merge_lora import LORA_ADAPTER_DIR, merge_lora_model
 from alignment.sft.sft_trainer import SFTTrainer
 from alignment.utils.config import ConfigError, Problems, parse_arguments
-from alignment.utils.env import configure_cpu_threads, enable_mkl_avx2_on_amd
+from alignment.utils.env import setup_cpu_runtime
 from alignment.utils.metrics import JsonlLoggingCallback
 from alignment.utils.signals import exit_after_distributed_run, exit_clearly_on_sigterm
 from alignment.utils.stage import (
@@ -206,8 +206,7 @@ def _absolute_if_local(name_or_path: str) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
     """Run SFT with ``argv`` (default ``sys.argv[1:]``); returns the final train and eval metrics."""
-    enable_mkl_avx2_on_amd()
-    configure_cpu_threads()
+    setup_cpu_runtime()
     model_args, data_args, training_args = parse_arguments((ModelArgument, DataArgument, SFTTrainingArguments), argv)
     import_custom_dataset_modules(data_args.custom_dataset_modules)
     check_arguments(model_args, data_args, training_args)

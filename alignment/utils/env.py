@@ -121,3 +121,18 @@ def enable_mkl_avx2_on_amd() -> bool:
         return False
     os.environ["MKL_DEBUG_CPU_TYPE"] = "5"
     return True
+
+
+def setup_cpu_runtime(num_threads: int | None = None) -> int:
+    """Everything a CPU run needs before its first matmul; returns the math threads used.
+
+    MKL's AVX2 kernels on AMD (:func:`enable_mkl_avx2_on_amd`), the thread count
+    (:func:`configure_cpu_threads`) and the faster CPU versions of PaddleNLP's Llama building blocks
+    (:mod:`alignment.models.llama_cpu`). On a GPU build running on GPU only the thread count is set.
+    """
+    enable_mkl_avx2_on_amd()
+    threads = configure_cpu_threads(num_threads)
+    from alignment.models.llama_cpu import enable_fast_cpu_llama
+
+    enable_fast_cpu_llama()
+    return threads
