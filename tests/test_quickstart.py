@@ -15,11 +15,6 @@ import sys
 
 import pytest
 
-# Shorter than the defaults of config/tiny/*.json so that CI stays within budget; the full
-# quick start (bash scripts/quickstart.sh) trains longer and improves more.
-SFT_ARGS = "--num_train_epochs 8"
-RM_ARGS = "--num_train_epochs 1"
-PPO_ARGS = "--max_steps 60 --eval_steps 30 --save_steps 30"
 
 
 def png_size(path: str) -> tuple[int, int]:
@@ -34,8 +29,7 @@ def test_quickstart_trains_every_stage_and_ppo_improves_the_policy(tmp_path, rep
     output = tmp_path / "quickstart"
     env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="2")
     result = subprocess.run(
-        ["bash", "scripts/quickstart.sh", "--output-dir", str(output), "--sft-args", SFT_ARGS,
-         "--rm-args", RM_ARGS, "--ppo-args", PPO_ARGS, "--eval-samples", "4"],
+        ["bash", "scripts/quickstart.sh", "--output-dir", str(output)],  # exactly the README's run
         cwd=repo_root, env=env, capture_output=True, text=True, timeout=1500,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -48,8 +42,8 @@ def test_quickstart_trains_every_stage_and_ppo_improves_the_policy(tmp_path, rep
     # The reward model learned the preference rule (chance is 0.5).
     assert report["rm_eval_accuracy"] > 0.75
     # PPO improved on the SFT policy by the reward model's measure and by the ground truth.
-    assert report["ppo_reward_mean"] > report["sft_reward_mean"] + 0.2, report
-    assert report["ppo_task_score"] > report["sft_task_score"] + 0.02, report
+    assert report["ppo_reward_mean"] > report["sft_reward_mean"] + 0.5, report
+    assert report["ppo_task_score"] > report["sft_task_score"] + 0.05, report
     assert report["samples"] and {"prompt", "sft_response", "ppo_response"} <= set(report["samples"][0])
 
     # Every stage produced a loadable checkpoint.
