@@ -364,11 +364,12 @@ def load_models(model_args: ModelArgument, args: TrainingArguments) -> dict[str,
     if _degree(args.pipeline_parallel_degree) > 1:
         from paddle.distributed import fleet
 
-        from alignment.parallel.pipeline import PipelineEngine, PipelineStage
+        from alignment.models.model_pp import PIPE_MODEL_FOR_ROLE
+        from alignment.parallel.pipeline import PipelineEngine
 
         stage_id, stages = fleet.get_hybrid_communicate_group().get_stage_id(), _degree(args.pipeline_parallel_degree)
-        for name, head in (("actor", "lm_head"), ("critic", "score_head")):
-            models[name] = PipelineStage(models[name], stage_id, stages, head_name=head)  # keeps only its layers
+        for name, pipe_class in PIPE_MODEL_FOR_ROLE.items():
+            models[name] = pipe_class(models[name], stage_id, stages)  # keeps only this stage's layers
             models[f"{name}_pipeline"] = PipelineEngine(models[name])
     return models
 
