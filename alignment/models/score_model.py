@@ -7,7 +7,8 @@ score model directly: ``lm_head.weight`` is reported as unused and a fresh score
 Score checkpoints (``save_pretrained``) hold ``score_head.*`` and the normalizer buffers, and their
 config records the score options plus ``architectures = ["<Name>ModelForScore"]``.
 
-Adding an architecture = one class here + one entry in :data:`MODEL_FOR_SCORE_MAPPING`.
+Adding an architecture = a four-line :class:`BackboneScoreModel` subclass (backbone attribute, embeddings
+attribute, constructor) + one entry in :data:`MODEL_FOR_SCORE_MAPPING`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from paddlenlp.transformers.conversion_utils import StateDictNameMapping, init_n
 
 from alignment.models.score_model_utils import ScoreModelMixin
 
-__all__ = ["LlamaModelForScore", "QWenModelForScore", "MODEL_FOR_SCORE_MAPPING", "AutoModelForScore"]
+__all__ = ["BackboneScoreModel", "LlamaModelForScore", "QWenModelForScore", "MODEL_FOR_SCORE_MAPPING", "AutoModelForScore"]
 
 
 def _without_lm_head(mappings: dict) -> dict:
@@ -40,17 +41,73 @@ def _without_lm_head(mappings: dict) -> dict:
     return {name: action for name, action in mappings.items() if not name.endswith("lm_head.weight")}
 
 
-class LlamaModelForScore(ScoreModelMixin, LlamaPretrainedModel):
+class BackboneScoreModel(ScoreModelMixin):
+    """A causal-LM backbone (attribute :attr:`backbone_name`) followed by the score head.
+
+    A subclass also derives from the architecture's ``PretrainedModel`` and builds the backbone under
+    the same attribute name as the causal LM, so causal-LM checkpoints load as they are.
+    """
+
+    backbone_name: str
+    embeddings_name: str
+
+    @property
+    def backbone(self) -> paddle.nn.Layer:
+        return getattr(self, self.backbone_name)
+
+    def get_input_embeddings(self):
+        return getattr(self.backbone, self.embeddings_name)
+
+    def set_input_embeddings(self, value) -> None:
+        setattr(self.backbone, self.embeddings_name, value)
+
+    @classmethod
+    def _get_tensor_parallel_mappings(cls, config: PretrainedConfig, is_split: bool = True) -> dict:
+        return _without_lm_head(super()._get_tensor_parallel_mappings(config, is_split=is_split))
+
+    def forward(
+        self,
+        input_ids: Optional[paddle.Tensor] = None,
+        attention_mask: Optional[paddle.Tensor] = None,
+        position_ids: Optional[paddle.Tensor] = None,
+        past_key_values=None,
+        inputs_embeds: Optional[paddle.Tensor] = None,
+        use_cache: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+    ):
+        """Scores of ``input_ids`` [B, L]; see :meth:`ScoreModelMixin.get_score` for the outputs."""
+        outputs = self.backbone(
+            input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            past_key_values=past_key_values,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        hidden_states = outputs.last_hidden_state
+        if getattr(self.config, "sequence_parallel", False):
+            # The backbone leaves [B*L / mp, E] token shards on each rank; gather them like LlamaLMHead.
+            from paddle.distributed.fleet.utils.sequence_parallel_utils import GatherOp
+
+            seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+            hidden_states = GatherOp.apply(hidden_states).reshape([-1, seq_len, self.config.hidden_size])
+        return self.get_score(hidden_states, attention_mask, position_ids, return_dict)
+
+
+class LlamaModelForScore(BackboneScoreModel, LlamaPretrainedModel):
     """Llama backbone (``self.llama``) + ``score_head``: ``forward`` returns per-token and end scores."""
+
+    backbone_name, embeddings_name = "llama", "embed_tokens"
 
     def __init__(self, config: LlamaConfig, **kwargs) -> None:
         super().__init__(config)
         self.llama = LlamaModel(config)
         self.init_score_head(config, hidden_size=config.hidden_size, **kwargs)
-
-    @classmethod
-    def _get_tensor_parallel_mappings(cls, config: LlamaConfig, is_split: bool = True) -> dict:
-        return _without_lm_head(super()._get_tensor_parallel_mappings(config, is_split=is_split))
 
     @classmethod
     def _get_name_mappings(cls, config: LlamaConfig) -> list[StateDictNameMapping]:
@@ -66,89 +123,16 @@ class LlamaModelForScore(ScoreModelMixin, LlamaPretrainedModel):
         init_name_mappings(extra)
         return mappings + [StateDictNameMapping(*mapping, index=len(mappings) + i) for i, mapping in enumerate(extra)]
 
-    def get_input_embeddings(self):
-        return self.llama.embed_tokens
 
-    def set_input_embeddings(self, value) -> None:
-        self.llama.embed_tokens = value
-
-    def forward(
-        self,
-        input_ids: Optional[paddle.Tensor] = None,
-        attention_mask: Optional[paddle.Tensor] = None,
-        position_ids: Optional[paddle.Tensor] = None,
-        past_key_values=None,
-        inputs_embeds: Optional[paddle.Tensor] = None,
-        use_cache: Optional[bool] = None,
-        output_attentions: Optional[bool] = None,
-        output_hidden_states: Optional[bool] = None,
-        return_dict: Optional[bool] = None,
-    ):
-        """Scores of ``input_ids`` [B, L]; see :meth:`ScoreModelMixin.get_score` for the outputs."""
-        outputs = self.llama(
-            input_ids,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            past_key_values=past_key_values,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
-        hidden_states = outputs.last_hidden_state
-        if self.config.sequence_parallel:
-            # The backbone leaves [B*L / mp, E] token shards on each rank; gather them like LlamaLMHead.
-            from paddle.distributed.fleet.utils.sequence_parallel_utils import GatherOp
-
-            seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-            hidden_states = GatherOp.apply(hidden_states).reshape([-1, seq_len, self.config.hidden_size])
-        return self.get_score(hidden_states, attention_mask, position_ids, return_dict)
-
-
-class QWenModelForScore(ScoreModelMixin, QWenPretrainedModel):
+class QWenModelForScore(BackboneScoreModel, QWenPretrainedModel):
     """QWen (v1) backbone (``self.qwen``) + ``score_head``."""
+
+    backbone_name, embeddings_name = "qwen", "wte"
 
     def __init__(self, config: QWenConfig, **kwargs) -> None:
         super().__init__(config)
         self.qwen = QWenModel(config)
         self.init_score_head(config, hidden_size=config.hidden_size, **kwargs)
-
-    @classmethod
-    def _get_tensor_parallel_mappings(cls, config: QWenConfig, is_split: bool = True) -> dict:
-        return _without_lm_head(super()._get_tensor_parallel_mappings(config, is_split=is_split))
-
-    def get_input_embeddings(self):
-        return self.qwen.wte
-
-    def set_input_embeddings(self, value) -> None:
-        self.qwen.wte = value
-
-    def forward(
-        self,
-        input_ids: Optional[paddle.Tensor] = None,
-        attention_mask: Optional[paddle.Tensor] = None,
-        position_ids: Optional[paddle.Tensor] = None,
-        past_key_values=None,
-        inputs_embeds: Optional[paddle.Tensor] = None,
-        use_cache: Optional[bool] = None,
-        output_attentions: Optional[bool] = None,
-        output_hidden_states: Optional[bool] = None,
-        return_dict: Optional[bool] = None,
-    ):
-        """Scores of ``input_ids`` [B, L]; see :meth:`ScoreModelMixin.get_score` for the outputs."""
-        outputs = self.qwen(
-            input_ids,
-            past_key_values=past_key_values,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
-        return self.get_score(outputs.last_hidden_state, attention_mask, position_ids, return_dict)
 
 
 MODEL_FOR_SCORE_MAPPING: dict[str, type[PretrainedModel]] = {
