@@ -57,7 +57,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     prompts = PromptOnlyDataset(args.prompts, tokenizer, max_length=args.max_length)
     collator = prompts.get_collator()
     rows = []
-    for begin in range(0, len(prompts), args.batch_size):
+    from tqdm.auto import tqdm
+
+    for begin in tqdm(range(0, len(prompts), args.batch_size), desc=f"evaluating {args.policy}", leave=False):
         batch = collator([prompts[i] for i in range(begin, min(begin + args.batch_size, len(prompts)))])
         with paddle.no_grad():
             sequences = generate_rollout(

@@ -32,7 +32,7 @@ from alignment.models import (
     get_normalizer,
 )
 from alignment.models import score_model_utils
-from alignment.models.score_model_utils import end_index_from_position_ids, last_valid_index
+from alignment.models.score_model_utils import end_index_from_attention_mask, end_index_from_position_ids
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -137,12 +137,12 @@ def test_normalizer_input_errors():
 # ============================================================================ end index
 
 
-def test_last_valid_index_left_and_right_padding():
+def test_end_index_from_attention_mask_left_and_right_padding():
     mask = tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 0, 0, 0]], "int64")
-    np.testing.assert_array_equal(last_valid_index(mask).numpy(), [2, 4, 4, 1])
-    np.testing.assert_array_equal(last_valid_index(mask.astype("bool")).numpy(), [2, 4, 4, 1])
+    np.testing.assert_array_equal(end_index_from_attention_mask(mask).numpy(), [2, 4, 4, 1])
+    np.testing.assert_array_equal(end_index_from_attention_mask(mask.astype("bool")).numpy(), [2, 4, 4, 1])
     with pytest.raises(ValueError, match=r"rows \[1\] have no non-padding token"):
-        last_valid_index(tensor([[1, 0], [0, 0]], "int64"))
+        end_index_from_attention_mask(tensor([[1, 0], [0, 0]], "int64"))
 
 
 @pytest.mark.parametrize(

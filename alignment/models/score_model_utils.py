@@ -34,7 +34,7 @@ __all__ = [
     "get_normalizer",
     "ScoreModelOutput",
     "ScoreModelMixin",
-    "last_valid_index",
+    "end_index_from_attention_mask",
     "end_index_from_position_ids",
     "gather_end_scores",
     "gather_across_data_parallel",
@@ -219,7 +219,7 @@ def _assign(value: paddle.Tensor, buffer: paddle.Tensor) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def last_valid_index(mask: paddle.Tensor) -> paddle.Tensor:
+def end_index_from_attention_mask(mask: paddle.Tensor) -> paddle.Tensor:
     """Index of the last non-zero entry of each row of ``mask`` [B, L] (any dtype) -> [B] int64.
 
     Works for left and right padding. Raises ValueError if a row has no non-zero entry.
@@ -449,7 +449,7 @@ class ScoreModelMixin:
         scores = self.score_head(hidden_states).astype("float32")  # [B, L, D]
 
         if attention_mask is not None and attention_mask.ndim == 2:
-            end_index = last_valid_index(attention_mask)
+            end_index = end_index_from_attention_mask(attention_mask)
         elif position_ids is not None:
             end_index = end_index_from_position_ids(position_ids)
         elif batch_size == 1:
@@ -557,7 +557,7 @@ def divergence_span_mask(
     if any(shape != shapes[0] for shape in shapes) or len(shapes[0]) != 2:
         raise ValueError(f"input ids and attention masks must all be [batch, seq_len]; got shapes {shapes}")
     start = first_divergence_index(higher_input_ids, lower_input_ids)  # [B]
-    end = last_valid_index((higher_attention_mask != 0) | (lower_attention_mask != 0))  # [B]
+    end = end_index_from_attention_mask((higher_attention_mask != 0) | (lower_attention_mask != 0))  # [B]
     seq_len = shapes[0][1]
     identical, diverge_in_padding = (
         paddle.stack([(start == seq_len).any(), ((start > end) & (start < seq_len)).any()]).numpy().tolist()

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import paddle
 import paddle.distributed as dist
+from tqdm.auto import tqdm
 
 from alignment.data.base import PROMPT_ASSISTANT, PROMPT_BEGIN, PROMPT_USER
 from alignment.models.ppo_model_utils import make_rollout_attention_mask
@@ -97,7 +98,8 @@ def evaluate_policy(trainer: Any, dataset: Any, step: int, num_table_rows: int =
     collator = dataset.get_collator()
     batch_size = args.per_device_eval_batch_size
     rows: list[dict[str, Any]] = []
-    for begin in range(0, len(indices), batch_size):
+    batches = range(0, len(indices), batch_size)
+    for begin in tqdm(batches, desc="evaluation", leave=False, disable=args.disable_tqdm or not is_main_process()):
         batch = collator([dataset[i] for i in indices[begin : begin + batch_size]])
         sequences = trainer.generate(batch["input_ids"], batch["attention_mask"], do_sample=args.eval_do_sample, num_return_sequences=1)
         attention_mask = make_rollout_attention_mask(batch["attention_mask"], sequences, trainer.tokenizer.eos_token_id)

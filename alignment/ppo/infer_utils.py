@@ -225,7 +225,9 @@ def _generate_plain(model, input_ids, attention_mask, max_new_tokens, params, eo
     return pad_after_eos(generated, eos_token_id, pad_token_id)
 
 
-def _generate_fast(model, input_ids, attention_mask, max_new_tokens, params, eos_token_id, pad_token_id, stop_at_eos):
+def _generate_fast(
+    model, input_ids, attention_mask, max_new_tokens, params, eos_token_id, pad_token_id, stop_at_eos, progress=False
+):
     """Host-side token loop over ``LlamaKVDecoder``; token selection in NumPy (see above).
 
     The sampler's NumPy generator is seeded from Paddle's global generator, so ``paddle.seed`` makes
@@ -240,7 +242,12 @@ def _generate_fast(model, input_ids, attention_mask, max_new_tokens, params, eos
     batch = input_ids.shape[0]
     unfinished = np.ones(batch, dtype=bool)
     generated = np.full((batch, max_new_tokens), pad_token_id, dtype=np.int64)
-    for step in range(max_new_tokens):
+    steps = range(max_new_tokens)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc="rollout tokens", leave=False, dynamic_ncols=True)
+    for step in steps:
         next_tokens = np.where(unfinished, select_next_tokens(logits.numpy(), presence, params, rng), pad_token_id)
         generated[:, step] = next_tokens
         unfinished &= next_tokens != eos_token_id
@@ -316,6 +323,7 @@ def generate_rollout(
     pad_token_id: int,
     backend: str = "auto",
     stop_at_eos: bool = True,
+    progress: bool = False,
 ) -> paddle.Tensor:
     """Sample responses for a left-padded prompt batch; returns prompt + response ids.
 
@@ -330,6 +338,7 @@ def generate_rollout(
         num_return_sequences: n responses per prompt.
         eos_token_id / pad_token_id: a row ends at its first EOS and is right-padded with pad after it.
         backend: ``"auto" | "plain" | "fast" | "fused"`` (module doc).
+        progress: show a tqdm bar over the decode steps (fast backend; the others decode inside one call).
         stop_at_eos: True: stop as soon as every row has ended (``N' <= N`` columns). False: always
             run exactly ``max_new_tokens`` steps (benchmarks); rows are still padded after their EOS.
 
@@ -365,9 +374,15 @@ def generate_rollout(
     model.eval()
     try:
         with paddle.no_grad():
-            generated = _BACKEND_FUNCTIONS[chosen](
-                model, input_ids, attention_mask, max_new_tokens, params, eos_token_id, pad_token_id, stop_at_eos
-            )
+            if chosen == "fast":
+                generated = _generate_fast(
+                    model, input_ids, attention_mask, max_new_tokens, params, eos_token_id, pad_token_id, stop_at_eos,
+                    progress=progress,
+                )  # fmt: skip
+            else:
+                generated = _BACKEND_FUNCTIONS[chosen](
+                    model, input_ids, attention_mask, max_new_tokens, params, eos_token_id, pad_token_id, stop_at_eos
+                )
     finally:
         if was_training:
             model.train()

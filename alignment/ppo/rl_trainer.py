@@ -254,6 +254,7 @@ class RLTrainer(abc.ABC):
                 eos_token_id=self.tokenizer.eos_token_id,
                 pad_token_id=self.tokenizer.pad_token_id,
                 backend=settings.backend,
+                progress=not self.args.disable_tqdm and is_main_process(),
             )
 
     # ---------------------------------------------------------------------------------- training
