@@ -461,20 +461,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse arguments, train, evaluate, save ``output_dir/{policy,value}``; returns final metrics."""
     from alignment.utils.config import parse_arguments
     from alignment.utils.env import setup_cpu_runtime
-    from alignment.utils.checkpoint import get_last_checkpoint
+    from alignment.utils.signals import exit_clearly_on_sigterm
+    from alignment.utils.stage import prepare_output_dir
 
     argv = list(sys.argv[1:] if argv is None else argv)
     source = argv[0] if argv and not argv[0].startswith("--") else None
     model_args, data_args, args = parse_arguments((ModelArgument, DataArgument, TrainingArguments), argv)
     validate_arguments(model_args, data_args, args, source)
+    exit_clearly_on_sigterm("ppo", args.output_dir)
     setup_cpu_runtime()
     _configure_logging()
 
+    resume = prepare_output_dir(args)  # opt-in resume: a path or "auto"; refuses to mix two runs
     trainer = build_trainer(model_args, data_args, args, source)
-    resume = args.resume_from_checkpoint
-    if resume in (True, "true", "True", "auto"):
-        resume = get_last_checkpoint(args.output_dir)
-        logger.info("resume_from_checkpoint: %s", resume or "no checkpoint found, starting fresh")
     metrics: dict[str, Any] = {}
     if args.do_train:
         trainer.train(resume_from_checkpoint=resume)
@@ -495,4 +494,7 @@ def _configure_logging() -> None:
 
 
 if __name__ == "__main__":
+    from alignment.utils.signals import exit_after_distributed_run
+
     main()
+    exit_after_distributed_run()
