@@ -212,6 +212,9 @@ def parse_arguments(dataclass_types: Sequence[type], argv: Sequence[str] | None 
     Raises :class:`ConfigError` listing every unknown field and every ill-typed value.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:  # every field, its default and its help text
+        _StrictParser(dataclass_types, allow_abbrev=False).print_help()
+        raise SystemExit(0)
     source = None
     values: dict[str, Any] = {}
     if argv and not argv[0].startswith("--"):
