@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import math
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -353,7 +352,3 @@ class StepTrainer(_trainer_base()):
         if scaler_state is not None and self.do_grad_scaling:
             self.scaler.load_state_dict(scaler_state)
 
-
-def num_update_steps(num_micro_batches: int, gradient_accumulation_steps: int) -> int:
-    """Optimizer updates made by ``num_micro_batches`` micro-batches."""
-    return math.ceil(num_micro_batches / gradient_accumulation_steps)
