@@ -522,3 +522,29 @@ def test_task_score(prompt, response, score):
     from alignment.data.example_task import task_score
 
     assert task_score(prompt, response) == score
+
+
+def test_batch_retokenize_moves_rows_to_another_tokenizer(tokenizer, tmp_path):
+    """A reward model with its own tokenizer gets the same text, its EOS, and a mask from lengths."""
+    from alignment.data import batch_retokenize, is_same_tokenizer, load_tokenizer
+    from alignment.utils.tiny_assets import build_tokenizer, training_corpus
+
+    other = load_tokenizer(build_tokenizer(str(tmp_path / "other"), training_corpus(), vocab_size=600))
+    assert not is_same_tokenizer(tokenizer, other) and is_same_tokenizer(tokenizer, tokenizer)
+    texts = ["BEGINNING OF CONVERSATION: USER: hi ASSISTANT:Sure! Tea is a wonderful topic.", "No idea."]
+    rows = [ids(tokenizer, text) + [tokenizer.eos_token_id] for text in texts]
+    width = max(map(len, rows))
+    input_ids = paddle_tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
+    mask = paddle_tensor([[True] * len(r) + [False] * (width - len(r)) for r in rows])
+    new_ids, new_mask = batch_retokenize(input_ids, mask, tokenizer, other)
+    for row, text in enumerate(texts):
+        expected = ids(other, text + other.eos_token)
+        length = int(new_mask[row].astype("int64").sum())
+        assert new_ids[row, :length].numpy().tolist() == expected  # ends with other's EOS, which is also its pad
+        assert not new_mask[row, length:].numpy().any()
+
+
+def paddle_tensor(data):
+    import paddle
+
+    return paddle.to_tensor(data)
