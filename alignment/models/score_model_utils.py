@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
+import abc
+
 import numpy as np
 import paddle
 import paddle.distributed as dist
@@ -58,7 +60,7 @@ DEFAULT_EMA_MOMENTUM = 0.9
 # --------------------------------------------------------------------------------------------------
 
 
-class Normalizer(nn.Layer):
+class Normalizer(nn.Layer, metaclass=abc.ABCMeta):
     """Running statistics of score vectors and the functions that normalize scores with them.
 
     Buffers (persistable, so ``save_pretrained`` writes them): ``mean`` [*shape] float32 (starts at 0),
@@ -96,9 +98,9 @@ class Normalizer(nn.Layer):
         _assign(new_var, self.var)
         _assign(self.count + num_rows, self.count)
 
+    @abc.abstractmethod
     def _merge(self, batch_mean: paddle.Tensor, batch_var: paddle.Tensor, batch_count: int):
         """Return the new (mean, var) given a batch's float64 mean/population variance and row count."""
-        raise NotImplementedError
 
     def normalize(self, x: paddle.Tensor, function: str = "affine") -> paddle.Tensor:
         """Normalize ``x`` [..., *shape] with the (detached) statistics; same shape and dtype as ``x``.
