@@ -20,29 +20,16 @@ import sys
 import tempfile
 from types import SimpleNamespace
 
+from alignment.utils.benchmarking import add_shape_arguments, check_shape_arguments, llama_config
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vocab-size", type=int, default=8000)
-    parser.add_argument("--hidden-size", type=int, default=256)
-    parser.add_argument("--intermediate-size", type=int, default=688)
-    parser.add_argument("--num-layers", type=int, default=4)
-    parser.add_argument("--num-heads", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=64)
+    add_shape_arguments(parser)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--backend", default="auto", choices=["auto", "fast", "plain", "fused"], help="rollout backend")
-    parser.add_argument("--threads", type=int, default=None, help="CPU math threads (default: all cores owned)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
-    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "batch_size",
-                 "prompt_len", "new_tokens", "steps"):  # fmt: skip
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.hidden_size % args.num_heads:
-        parser.error("--hidden-size must be a multiple of --num-heads")
+    check_shape_arguments(parser, args, positive=("steps",))
     return args
 
 
@@ -69,7 +56,7 @@ class RandomPrompts:
 
 def build_trainer(args: argparse.Namespace, output_dir: str):
     import paddle
-    from paddlenlp.transformers import LlamaConfig, LlamaForCausalLM
+    from paddlenlp.transformers import LlamaForCausalLM
 
     from alignment.models import LlamaModelForScore
     from alignment.ppo.ppo_trainer import PPOTrainer
@@ -77,15 +64,7 @@ def build_trainer(args: argparse.Namespace, output_dir: str):
     from alignment.ppo.run_ppo import TrainingArguments
     from alignment.ppo.trainer_utils import StepTrainer
 
-    config = LlamaConfig(
-        vocab_size=args.vocab_size,
-        hidden_size=args.hidden_size,
-        intermediate_size=args.intermediate_size,
-        num_hidden_layers=args.num_layers,
-        num_attention_heads=args.num_heads,
-        max_position_embeddings=args.prompt_len + args.new_tokens + 1,
-        tensor_parallel_output=False,
-    )
+    config = llama_config(args, tensor_parallel_output=False)
     paddle.seed(args.seed)
     actor = LlamaForCausalLM(config)
     reference = LlamaForCausalLM(config)

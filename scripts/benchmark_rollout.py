@@ -17,23 +17,14 @@ import statistics
 import sys
 import time
 
+from alignment.utils.benchmarking import add_shape_arguments, check_shape_arguments, llama_config
 from alignment.utils.env import configure_cpu_threads, enable_mkl_avx2_on_amd
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vocab-size", type=int, default=8000)
-    parser.add_argument("--hidden-size", type=int, default=256)
-    parser.add_argument("--intermediate-size", type=int, default=688)
-    parser.add_argument("--num-layers", type=int, default=4)
-    parser.add_argument("--num-heads", type=int, default=4)
-    parser.add_argument("--num-kv-heads", type=int, default=None, help="GQA key/value heads (default: num-heads)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=64)
+    add_shape_arguments(parser)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="CPU math threads (default: all cores owned)")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--backend", default="auto", choices=["auto", "fast", "fused"], help="accelerated backend to compare"
     )
@@ -42,33 +33,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="do not set MKL_DEBUG_CPU_TYPE=5 on AMD CPUs (both backends then use MKL's slow generic sgemm)",
     )
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
-    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "batch_size",
-                 "prompt_len", "new_tokens", "repeats"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.hidden_size % args.num_heads:
-        parser.error("--hidden-size must be a multiple of --num-heads")
+    check_shape_arguments(parser, args, positive=("repeats",))
     return args
 
 
 def build_inputs(args):
     """Random-weight LlamaForCausalLM and a left-padded prompt batch (row b has b % 4 pads)."""
     import paddle
-    from paddlenlp.transformers import LlamaConfig, LlamaForCausalLM
+    from paddlenlp.transformers import LlamaForCausalLM
 
     paddle.seed(args.seed)
-    config = LlamaConfig(
-        vocab_size=args.vocab_size,
-        hidden_size=args.hidden_size,
-        intermediate_size=args.intermediate_size,
-        num_hidden_layers=args.num_layers,
-        num_attention_heads=args.num_heads,
-        num_key_value_heads=args.num_kv_heads or args.num_heads,
-        max_position_embeddings=args.prompt_len + args.new_tokens + 1,
-    )
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(llama_config(args))
     model.eval()
     pads = paddle.arange(args.batch_size).unsqueeze(1) % min(4, args.prompt_len)
     attention_mask = (paddle.arange(args.prompt_len).unsqueeze(0) >= pads).astype("int64")
