@@ -5,8 +5,6 @@
 
 from __future__ import annotations
 
-import paddle
-
 from alignment.data.alpaca import AlpacaDataset
 from alignment.data.arguments import DataArgument
 from alignment.data.base import (
@@ -43,19 +41,6 @@ from alignment.data.supervised import SupervisedCollator, SupervisedDataset
 from alignment.data.tokenizer import batch_retokenize, is_same_tokenizer, load_tokenizer
 
 
-class DummyDataset(paddle.io.Dataset):
-    """``length`` empty examples: stands in for absent ptx data so loaders can be zipped."""
-
-    def __init__(self, length: int) -> None:
-        self.length = length
-
-    def __getitem__(self, index: int) -> dict:
-        return {}
-
-    def __len__(self) -> int:
-        return self.length
-
-
 __all__ = [
     "IGNORE_INDEX",
     "PROMPT_BEGIN",
@@ -86,7 +71,6 @@ __all__ = [
     "SafetyPreferenceCollator",
     "PromptOnlyDataset",
     "PromptOnlyCollator",
-    "DummyDataset",
     "AlpacaDataset",
     "SafeRLHFDataset",
     "SafeRLHFTrainDataset",
