@@ -44,11 +44,15 @@ def exit_after_distributed_run(code: int = 0) -> None:
 
     On CPU (gloo) the interpreter's teardown of the process group and the TCP store sometimes aborts
     (SIGABRT) when the peer has already exited, which makes the launcher report a failed job after
-    a successful run. Every rank has passed the final barrier when this is called, so skipping the
-    teardown loses nothing. Outside a distributed launch this returns and the process exits normally.
+    a successful run. All ranks meet at a barrier first, so skipping the teardown loses nothing.
+    Outside a distributed launch this returns and the process exits normally.
     """
     if int(os.environ.get("PADDLE_TRAINERS_NUM", "1")) <= 1:
         return
+    import paddle.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

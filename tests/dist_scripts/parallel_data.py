@@ -21,6 +21,7 @@ from paddlenlp.transformers import LlamaForCausalLM
 
 from alignment.parallel.topology import init_hybrid_parallel
 from parallel_common import to_paddle, write_rank_result
+from alignment.utils.signals import exit_after_distributed_run
 
 LR, ADAM_EPS = 1e-2, 1e-4  # eps >> grad round-off, so Adam's g/sqrt(v) is stable across processes
 
@@ -72,3 +73,4 @@ def main(mode: str, ckpt: str, data: str, out_dir: str, steps: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:6])
+    exit_after_distributed_run()  # skip gloo teardown, which can abort after success

@@ -24,6 +24,7 @@ from alignment.parallel.checkpoint import gather_tensor_parallel_state_dict, loa
 from alignment.parallel.collectives import vocab_parallel_cross_entropy
 from alignment.parallel.topology import init_hybrid_parallel
 from parallel_common import to_paddle, write_rank_result
+from alignment.utils.signals import exit_after_distributed_run
 
 LR, ADAM_EPS = 1e-2, 1e-4  # eps >> grad round-off, so Adam's g/sqrt(v) is stable across TP and TP=1
 
@@ -78,3 +79,4 @@ def main(ckpt: str, data: str, out_dir: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:4])
+    exit_after_distributed_run()  # skip gloo teardown, which can abort after success

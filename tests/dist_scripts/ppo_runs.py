@@ -11,6 +11,7 @@ state and the world size, so the test can tell that all ranks finished.
 import sys
 
 from alignment.ppo.run_ppo import main
+from alignment.utils.signals import exit_after_distributed_run
 from parallel_common import write_rank_result
 
 
@@ -26,3 +27,4 @@ def run_all(configs: list[str]) -> None:
 
 if __name__ == "__main__":
     run_all(sys.argv[1:])
+    exit_after_distributed_run()
