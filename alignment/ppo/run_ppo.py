@@ -135,6 +135,11 @@ class TrainingArguments(PaddleTrainingArguments):
     )
     num_return_sequences: int = field(default=1, metadata={"help": "Samples generated per prompt (a GRPO/RLOO group)."})
     rollout_n: Optional[int] = field(default=None, metadata={"help": "Upstream alias of num_return_sequences."})
+    rollout_seed_per_prompt: bool = field(
+        default=False,
+        metadata={"help": "Seed each prompt's sampling from (seed, step, prompt index) and generate prompt by prompt: "
+                          "rollouts independent of the number of data-parallel ranks (slower generation)."},
+    )  # fmt: skip
     advantage_epsilon: float = field(default=1e-6, metadata={"help": "GRPO: (s - mean) / (std + epsilon)."})
     norm_adv_by_std: bool = field(default=True, metadata={"help": "GRPO: divide by the group std (False: Dr. GRPO)."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (0 = greedy)."})
