@@ -253,3 +253,26 @@ def test_critic_free_recipes_use_known_arguments(repo_root, name):
     assert set(config) <= set(known), set(config) - set(known)
     assert config["rl_algorithm"] == "grpo" and config["rollout_n"] >= 2
     assert not {k for k in config if k.startswith("critic_") or k in ("reward_critic_model_name_or_path", "clip_range_value")}
+
+
+def test_benchmark_ppo_times_a_critic_free_step(repo_root):
+    """``benchmark_ppo.py --algorithm grpo``: the same JSON, a grouped rollout, no critic."""
+    import subprocess
+    import sys
+
+    shape = ["--vocab-size", "300", "--hidden-size", "32", "--intermediate-size", "64", "--num-layers", "2",
+             "--num-heads", "4", "--batch-size", "4", "--prompt-len", "6", "--new-tokens", "5", "--json", "--steps", "1"]  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "scripts/benchmark_ppo.py", *shape, "--algorithm", "grpo"],
+        cwd=repo_root, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["config"]["algorithm"] == "grpo" and report["config"]["samples"] == 2
+    for key in ("median_step_s", "generation_s", "experience_s", "train_s", "peak_rss_mb"):
+        assert report[key] > 0, key
+    bad = subprocess.run(
+        [sys.executable, "scripts/benchmark_ppo.py", *shape, "--algorithm", "rloo", "--samples", "1"],
+        cwd=repo_root, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert bad.returncode != 0 and "--samples" in bad.stderr
