@@ -2,7 +2,9 @@
 
 Four models: the actor and a frozen reference start from the SFT checkpoint
 (``actor_model_name_or_path``); the critic and a frozen reward model start from the reward
-checkpoint (``reward_critic_model_name_or_path`` for the critic when given). Every field of the
+checkpoint (``reward_critic_model_name_or_path`` for the critic when given). ``rl_algorithm`` other
+than ``ppo`` (GRPO, RLOO, REINFORCE++; docs/critic_free.md) loads no critic, and its reward may come
+from ``reward_functions`` / ``reward_server`` instead of (or added to) a reward model. Every field of the
 JSON file is one of the dataclass fields below or of PaddleNLP's ``TrainingArguments``; command-line
 ``--field value`` pairs after the file override it.
 
