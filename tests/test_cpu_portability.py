@@ -123,6 +123,17 @@ def test_llama_use_fused_rms_norm_runs_on_cpu_and_portably_when_forced(monkeypat
         np.testing.assert_allclose(model(ids)[0].numpy(), default_logits, rtol=1e-5, atol=1e-5)
 
 
+def test_llama_use_fused_rms_norm_trains_on_cpu():
+    """Paddle registers no CPU backward for fused_rms_norm: training must take the portable path."""
+    model = tiny_llama(use_fused_rms_norm=True)
+    model.train()
+    ids = paddle.randint(3, VOCAB, [2, 5])
+    loss = model(ids, labels=ids)[0]
+    loss.backward()
+    grad = model.llama.norm.weight.grad
+    assert grad is not None and bool(paddle.isfinite(grad).all()) and float(grad.abs().sum()) > 0
+
+
 def decoder_logits(model, ids, mask, response):
     with paddle.no_grad():
         decoder = LlamaKVDecoder(model, ids, mask, response.shape[1])

@@ -50,10 +50,12 @@ def _modeling():
 
 
 def _rms_norm_forward(self, hidden_states: paddle.Tensor) -> paddle.Tensor:
-    # ``use_fused_rms_norm`` on CPU: Paddle's fused kernel where the CPU can execute it (AVX-512F),
-    # elsewhere (or with ALIGNMENT_PORTABLE_CPU=1) the portable version below, same math. (PaddleNLP's
-    # own fused path imports the GPU-only ``fused_ln`` package and cannot run on CPU at all.)
-    if self.config.use_fused_rms_norm and kernels.fused_rms_norm_usable():
+    # ``use_fused_rms_norm`` on CPU: Paddle's fused kernel where the CPU can execute it (AVX-512F) and no
+    # gradient is needed (it has no CPU backward kernel); elsewhere, or with ALIGNMENT_PORTABLE_CPU=1, the
+    # portable version below, same math. (PaddleNLP's own fused path imports the GPU-only ``fused_ln``
+    # package and cannot run on CPU at all.)
+    needs_grad = paddle.is_grad_enabled() and not (hidden_states.stop_gradient and self.weight.stop_gradient)
+    if self.config.use_fused_rms_norm and not needs_grad and kernels.fused_rms_norm_usable():
         return kernels.fused_rms_norm(hidden_states, self.weight, self.variance_epsilon)[0]
     with paddle.amp.auto_cast(False):
         hidden_states = hidden_states.astype("float32")
