@@ -149,7 +149,7 @@ def test_portable_decoder_equals_fused_decoder_and_paddlenlp_forward(monkeypatch
     paddle.seed(3)
     response = paddle.randint(3, VOCAB, [3, 6])
     default_decoder, default_logits = decoder_logits(model, ids, mask, response)
-    assert default_decoder.rms_norm is (kernels.fused_rms_norm if env.cpu_supports_avx512f() else portable_rms_norm)
+    assert default_decoder.rms_norm is (kernels.fused_rms_norm if env.avx512_kernels_enabled() else portable_rms_norm)
     monkeypatch.setenv(env.PORTABLE_CPU_ENV, "1")
     portable_decoder, portable_logits = decoder_logits(model, ids, mask, response)
     assert portable_decoder.rms_norm is portable_rms_norm
