@@ -42,6 +42,7 @@ from alignment.models.ppo_model_utils import make_rollout_attention_mask, ptx_lo
 from alignment.ppo.comm_utils import OffloadManager, model_parallel_broadcast_guard, tensor_parallel_degree
 from alignment.ppo.trainer_utils import (
     GlobalBatchSampler,
+    IntegrationReporter,
     StepTrainer,
     all_reduce_max,
     all_reduce_mean,
@@ -145,8 +146,9 @@ class RLTrainer(abc.ABC):
         self.micro_batches_per_rollout = self.rows_per_rollout // args.per_device_train_batch_size
         self.updates_per_rollout = args.update_iters * self.micro_batches_per_rollout // args.gradient_accumulation_steps
         self.prompt_sampler = GlobalBatchSampler(
-            len(train_dataset), args.per_device_prompt_batch_size, self.dp_rank, self.dp_world, shuffle=True, seed=args.seed
-        )
+            len(train_dataset), args.per_device_prompt_batch_size, self.dp_rank, self.dp_world, shuffle=True, seed=args.seed,
+            drop_last=args.dataloader_drop_last,
+        )  # fmt: skip
         if len(self.prompt_sampler) == 0:
             raise ValueError(
                 f"train dataset has {len(train_dataset)} prompts, fewer than one global prompt batch "
@@ -179,6 +181,8 @@ class RLTrainer(abc.ABC):
 
         logging_dir = args.logging_dir if "visualdl" in (args.report_to or []) else None
         self.metrics_logger = MetricsLogger(args.output_dir, visualdl_dir=logging_dir)
+        # report_to tensorboard / wandb (flushed at every log; validate_arguments refused them if not installed)
+        self.reporter = IntegrationReporter(args.report_to, args.logging_dir, config=args, enabled=is_main_process())
         self._pending: list[dict[str, float]] = []
         self.last_evaluation: tuple[int, dict[str, float]] | None = None
 
@@ -485,6 +489,7 @@ class RLTrainer(abc.ABC):
     def log_metrics(self, metrics: dict[str, float]) -> None:
         metrics = {**metrics, "epoch": self.state.epoch + self.state.batch_in_epoch / max(len(self.prompt_sampler), 1)}
         self.metrics_logger.log(metrics, step=self.state.global_step)
+        self.reporter.log(metrics, step=self.state.global_step)
         if is_main_process():
             shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items() if not k.endswith("_seconds")}
             logger.info("step %d: %s", self.state.global_step, shown)
