@@ -58,10 +58,9 @@ def _hybrid_group():
         return None
     from paddle.distributed import fleet
 
-    try:
-        return fleet.get_hybrid_communicate_group()
-    except AssertionError:  # fleet.init was not called (plain data parallel): fleet asserts its group is set
+    if getattr(fleet.fleet, "_hcg", None) is None:  # fleet.init was not called: plain data parallel
         return None
+    return fleet.get_hybrid_communicate_group()  # any other failure is a real error
 
 
 def is_first_model_replica() -> bool:
