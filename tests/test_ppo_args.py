@@ -161,3 +161,74 @@ def test_loss_weights_sum_to_one_per_window_even_when_windows_straddle_passes(sp
         expected += [n / sum(window) for n in window]
     np.testing.assert_allclose(weights, expected, rtol=1e-6)
     np.testing.assert_allclose([sum(weights[i : i + 2]) for i in range(0, 6, 2)], [1.0, 1.0, 1.0], rtol=1e-6)
+
+
+def test_update_iters_passes_visit_the_micro_batches_in_the_same_order(split_trainer, monkeypatch):
+    """``update_iters`` passes over the rollout, no reshuffle between passes (safe-rlhf, PaddleNLP)."""
+    trainer, experience, initial = split_trainer
+    args = trainer.args
+    seen = []
+    original = trainer.rl_step
+
+    def rl_step(batch, *rest, **kwargs):
+        seen.append(batch["input_ids"].numpy()[:, -6:].tolist())
+        return original(batch, *rest, **kwargs)
+
+    monkeypatch.setattr(trainer, "rl_step", rl_step)
+    for update_iters in (1, 3):
+        args.per_device_train_batch_size, args.gradient_accumulation_steps, args.update_iters = 2, 3, update_iters
+        reset_training_state(trainer, initial)
+        seen.clear()
+        micro_batches = trainer.split_micro_batches(experience)
+        trainer.update(micro_batches, None)
+        one_pass = [b["input_ids"].numpy()[:, -6:].tolist() for b in micro_batches]
+        assert seen == one_pass * update_iters
+        assert trainer.state.global_step == update_iters  # 3 micro-batches per pass, one update per 3
+
+
+@pytest.mark.parametrize("loss", ["actor_loss", "critic_loss"])
+def test_nonfinite_actor_or_critic_loss_drops_the_window_or_stops(split_trainer, monkeypatch, loss):
+    """docs/reliability.md: a NaN loss in a window drops that window's gradients on every rank
+    (``on_nonfinite: skip``) or stops before any optimizer step (``stop``)."""
+    from alignment.ppo.rl_trainer import NonFiniteError
+
+    trainer, experience, initial = split_trainer
+    args = trainer.args
+    args.per_device_train_batch_size, args.gradient_accumulation_steps, args.update_iters = 2, 3, 1
+    micro_batches = trainer.split_micro_batches(experience)
+    original = getattr(trainer, loss)
+    calls = []
+
+    def poisoned(values, batch):
+        calls.append(1)
+        result = original(values, batch)
+        return result * float("nan") if len(calls) == 2 else result  # the window's second micro-batch
+
+    # A clean update from the initial weights: what a later window must still produce.
+    reset_training_state(trainer, initial)
+    trainer.update(micro_batches, None)
+    clean = snapshot(trainer)
+    try:
+        for mode in ("stop", "skip"):
+            args.on_nonfinite = mode
+            reset_training_state(trainer, initial)
+            skipped = trainer.state.skipped_updates
+            calls.clear()
+            monkeypatch.setattr(trainer, loss, poisoned)
+            if mode == "stop":
+                with pytest.raises(NonFiniteError, match=r"non-finite update at step 0 .*on_nonfinite='stop'"):
+                    trainer.update(micro_batches, None)
+            else:
+                trainer.update(micro_batches, None)
+                assert trainer.state.skipped_updates == skipped + 1 and trainer.state.global_step == 1
+            for name, weights in snapshot(trainer).items():  # no optimizer step used the NaN gradients
+                for key, value in weights.items():
+                    np.testing.assert_array_equal(value, initial[name][key], err_msg=f"{mode} {name}.{key}")
+            if mode == "skip":  # the dropped gradients do not leak into the next window
+                monkeypatch.setattr(trainer, loss, original)
+                trainer.update(micro_batches, None)
+                for name, weights in snapshot(trainer).items():
+                    for key, value in weights.items():
+                        np.testing.assert_allclose(value, clean[name][key], atol=1e-6, err_msg=f"{name}.{key}")
+    finally:
+        args.on_nonfinite = "stop"
