@@ -26,13 +26,14 @@ from alignment.utils.config import parse_arguments
 
 
 # ------------------------------------------------------------------------------ numpy references
-def numpy_rewards(score, log_probs, ref_log_probs, mask, kl_coeff, clip_range_score):
-    """``-kl_coeff * (logp - ref)`` per token plus the clipped score on each row's last valid token."""
+def numpy_rewards(score, log_probs, ref_log_probs, mask, kl_coeff, clip_range_score, clip_mode="score"):
+    """``-kl_coeff * (logp - ref)`` per token plus the score on each row's last valid token; ``score``
+    mode clips the score, ``total`` mode clips every per-token reward after the sum."""
     rewards = -kl_coeff * (log_probs - ref_log_probs)
     for row in range(len(score)):
         last = np.nonzero(mask[row])[0].max()
-        rewards[row, last] += np.clip(score[row], -clip_range_score, clip_range_score)
-    return rewards
+        rewards[row, last] += np.clip(score[row], -clip_range_score, clip_range_score) if clip_mode == "score" else score[row]
+    return rewards if clip_mode == "score" else np.clip(rewards, -clip_range_score, clip_range_score)
 
 
 def numpy_gae(values, rewards, mask, gamma, gae_lambda):
@@ -81,7 +82,7 @@ def experience_parts(trainer, experience):
     return score, experience["old_log_probs"].numpy(), ref, experience["old_values"].numpy(), experience["response_mask"].numpy()
 
 
-def test_experience_uses_kl_coeff_clip_range_score_gamma_and_gae_lambda(wired):
+def test_experience_uses_kl_coeff_clip_range_score_clip_mode_gamma_and_gae_lambda(wired):
     args = wired.args
     assert (args.kl_coeff, args.clip_range_score, args.gamma, args.gae_lambda) == (0.3, 0.01, 0.9, 0.8)  # from the JSON
     experience = fixed_experience(wired)
@@ -89,12 +90,12 @@ def test_experience_uses_kl_coeff_clip_range_score_gamma_and_gae_lambda(wired):
     assert np.abs(log_probs - ref)[mask].max() > 1e-3  # the KL term is not trivially zero
     assert (np.abs(score) > args.clip_range_score).any()  # the score clip binds
 
-    def expected(kl_coeff, clip_range_score, gamma, gae_lambda):
-        rewards = numpy_rewards(score, log_probs, ref, mask, kl_coeff, clip_range_score)
+    def expected(kl_coeff, clip_range_score, clip_mode, gamma, gae_lambda):
+        rewards = numpy_rewards(score, log_probs, ref, mask, kl_coeff, clip_range_score, clip_mode)
         return numpy_gae(values, rewards, mask, gamma, gae_lambda)
 
-    baseline = dict(kl_coeff=0.3, clip_range_score=0.01, gamma=0.9, gae_lambda=0.8)
-    changes = dict(kl_coeff=0.0, clip_range_score=100.0, gamma=1.0, gae_lambda=0.3)
+    baseline = dict(kl_coeff=0.3, clip_range_score=0.01, clip_mode="score", gamma=0.9, gae_lambda=0.8)
+    changes = dict(kl_coeff=0.0, clip_range_score=100.0, clip_mode="total", gamma=1.0, gae_lambda=0.3)
     previous = None
     try:
         for changed in [None, *changes]:
@@ -338,3 +339,70 @@ def test_offloaded_frozen_models_come_back_with_identical_weights(tmp_path, tiny
     for name, model in (("reference", trainer.reference_model), ("reward", trainer.reward_model)):
         for key, value in state(model).items():
             np.testing.assert_array_equal(value, frozen[name][key], err_msg=f"{name}.{key}")
+
+
+def test_experience_batch_size_chunks_the_forward_passes_without_changing_the_experience(wired):
+    rows = []
+    handle = wired.reference_model.llama.register_forward_pre_hook(lambda layer, inputs: rows.append(inputs[0].shape[0]))
+    try:
+        whole = fixed_experience(wired)
+        assert rows == [6]
+        rows.clear()
+        wired.args.per_device_experience_batch_size = 4
+        chunked = fixed_experience(wired)
+        assert rows == [4, 2]
+    finally:
+        handle.remove()
+        wired.args.per_device_experience_batch_size = None
+    for key in ("old_log_probs", "old_values", "advantages", "returns"):
+        np.testing.assert_allclose(chunked[key].numpy(), whole[key].numpy(), atol=1e-5, err_msg=key)
+
+
+def test_eval_do_sample_reaches_the_evaluation_sampler(wired):
+    seen = []
+
+    def recorder(model, input_ids, attention_mask, **kwargs):
+        seen.append(kwargs["do_sample"])
+        return paddle.concat([input_ids, paddle.full([input_ids.shape[0], 1], wired.tokenizer.eos_token_id, "int64")], axis=1)
+
+    wired._generate_fn = recorder
+    try:
+        for flag in (False, True):
+            wired.args.eval_do_sample = flag
+            seen.clear()
+            wired.evaluate()
+            assert seen and set(seen) == {flag}
+    finally:
+        wired.args.eval_do_sample = True
+
+
+@pytest.mark.parametrize("overrides, backend", [
+    (dict(rollout_backend="fast"), "fast"),
+    (dict(rollout_backend="auto"), "auto"),
+    (dict(rollout_backend="auto", use_fusemt=False), "fast"),  # upstream meaning: never the fused GPU path
+])  # fmt: skip
+def test_rollout_backend_and_use_fusemt_choose_the_generation_backend(tmp_path, tiny_assets, tiny_score_model, repo_root, overrides, backend):
+    trainer = make_trainer(ppo_config(tmp_path, tiny_assets, tiny_score_model, repo_root, **overrides))
+    seen = {}
+    trainer._generate_fn = lambda model, input_ids, attention_mask, **kwargs: seen.update(kwargs) or input_ids
+    batch = trainer.train_dataset.get_collator()([trainer.train_dataset[0]])
+    trainer.generate(batch["input_ids"], batch["attention_mask"])
+    assert seen["backend"] == backend
+
+
+def test_normalize_reward_uses_the_statistics_saved_with_the_reward_model(tmp_path, tiny_assets, tiny_score_model, repo_root):
+    from alignment.models import AutoModelForScore
+
+    reward_dir = str(tmp_path / "rm_with_stats")
+    model = AutoModelForScore.from_pretrained(tiny_score_model, normalizer_type="RunningMeanStd")
+    model.normalizer.set_mean_var(mean=[0.5], var=[4.0])
+    model.save_pretrained(reward_dir, safe_serialization=True)
+    for name in os.listdir(tiny_assets["tokenizer"]):
+        shutil.copy(os.path.join(tiny_assets["tokenizer"], name), reward_dir)
+    scores = {}
+    for flag in (False, True):
+        trainer = make_trainer(ppo_config(tmp_path, tiny_assets, tiny_score_model, repo_root, f"norm{flag}",
+                                          reward_model_name_or_path=reward_dir, normalize_reward=flag))  # fmt: skip
+        experience = fixed_experience(trainer, rows=4)
+        scores[flag] = trainer.reward_score(experience["input_ids"], experience["attention_mask"]).numpy()
+    np.testing.assert_allclose(scores[True], (scores[False] - 0.5) / 2.0, rtol=1e-5, atol=1e-6)
