@@ -358,22 +358,32 @@ def test_experience_batch_size_chunks_the_forward_passes_without_changing_the_ex
         np.testing.assert_allclose(chunked[key].numpy(), whole[key].numpy(), atol=1e-5, err_msg=key)
 
 
-def test_eval_do_sample_reaches_the_evaluation_sampler(wired):
+def test_eval_do_sample_and_per_device_eval_batch_size_reach_the_evaluation(wired):
     seen = []
 
     def recorder(model, input_ids, attention_mask, **kwargs):
-        seen.append(kwargs["do_sample"])
+        seen.append((kwargs["do_sample"], input_ids.shape[0]))
         return paddle.concat([input_ids, paddle.full([input_ids.shape[0], 1], wired.tokenizer.eos_token_id, "int64")], axis=1)
 
     wired._generate_fn = recorder
+    prompts = len(wired.eval_dataset)
     try:
-        for flag in (False, True):
-            wired.args.eval_do_sample = flag
+        for flag, batch_size in ((False, 8), (True, 10)):
+            wired.args.eval_do_sample, wired.args.per_device_eval_batch_size = flag, batch_size
             seen.clear()
             wired.evaluate()
-            assert seen and set(seen) == {flag}
+            assert {sample for sample, _ in seen} == {flag}
+            sizes = [rows for _, rows in seen]
+            assert sizes == [batch_size] * (prompts // batch_size) + ([prompts % batch_size] if prompts % batch_size else [])
     finally:
-        wired.args.eval_do_sample = True
+        wired.args.eval_do_sample, wired.args.per_device_eval_batch_size = True, 8
+
+
+def test_eval_split_ratio_holds_out_part_of_the_train_prompts(tmp_path, tiny_assets, tiny_score_model, repo_root, wired):
+    trainer = make_trainer(ppo_config(tmp_path, tiny_assets, tiny_score_model, repo_root, eval_datasets=None, eval_split_ratio=0.25))
+    total = len(wired.train_dataset)  # the same prompts, no split
+    assert len(trainer.train_dataset) + len(trainer.eval_dataset) == total
+    assert len(trainer.eval_dataset) == pytest.approx(0.25 * total, abs=1)
 
 
 @pytest.mark.parametrize("overrides, backend", [
