@@ -416,3 +416,24 @@ def test_normalize_reward_uses_the_statistics_saved_with_the_reward_model(tmp_pa
         experience = fixed_experience(trainer, rows=4)
         scores[flag] = trainer.reward_score(experience["input_ids"], experience["attention_mask"]).numpy()
     np.testing.assert_allclose(scores[True], (scores[False] - 0.5) / 2.0, rtol=1e-5, atol=1e-6)
+
+
+def test_nonfinite_ptx_loss_drops_the_window(tmp_path, tiny_assets, tiny_score_model, repo_root, monkeypatch):
+    """docs/reliability.md: a NaN ptx loss drops its window like a NaN actor/critic loss (``skip``)."""
+    from alignment.ppo import rl_trainer
+
+    data = os.path.join(repo_root, "data")
+    trainer = make_trainer(ppo_config(
+        tmp_path, tiny_assets, tiny_score_model, repo_root, ptx_datasets=f"alpaca:1:{data}/alpaca/train.jsonl",
+        ptx_coeff=0.5, per_device_prompt_batch_size=4, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        on_nonfinite="skip",
+    ))  # fmt: skip
+    experience = fixed_experience(trainer, rows=4)
+    initial = snapshot(trainer)
+    original = rl_trainer.ptx_loss_fn
+    monkeypatch.setattr(rl_trainer, "ptx_loss_fn", lambda *a, **k: original(*a, **k) * float("nan"))
+    trainer.update(trainer.split_micro_batches(experience), trainer.ptx_micro_batches(0))
+    assert trainer.state.skipped_updates == 1 and trainer.state.global_step == 1
+    for name, weights in snapshot(trainer).items():
+        for key, value in weights.items():
+            np.testing.assert_array_equal(value, initial[name][key], err_msg=f"{name}.{key}")
