@@ -7,9 +7,13 @@ from a JSON file with the tiny session assets (see ``tests/test_ppo_trainer.py``
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import paddle
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from test_ppo_trainer import FixedResponses, make_trainer, ppo_config
 
 from alignment.models.ppo_model_utils import make_rollout_attention_mask
@@ -116,8 +120,7 @@ def test_any_split_over_micro_batches_accumulation_and_update_iters_gives_the_un
     gradients = record_gradients(trainer)
     try:
         for rows, accumulation, update_iters in SPLITS:
-            if (update_iters * ROWS // rows) % accumulation:
-                continue  # validate_arguments refuses it (a rollout must end on an optimizer step)
+            assert (update_iters * ROWS // rows) % accumulation == 0  # a layout validate_arguments accepts
             args.per_device_train_batch_size, args.gradient_accumulation_steps, args.update_iters = rows, accumulation, update_iters
             reset_training_state(trainer, initial)
             gradients.clear()
@@ -232,3 +235,27 @@ def test_nonfinite_actor_or_critic_loss_drops_the_window_or_stops(split_trainer,
                         np.testing.assert_allclose(value, clean[name][key], atol=1e-6, err_msg=f"{name}.{key}")
     finally:
         args.on_nonfinite = "stop"
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    counts=st.lists(st.integers(0, 9), min_size=1, max_size=6),
+    accumulation=st.integers(1, 5),
+    passes=st.integers(1, 3),
+)
+def test_loss_weights_are_window_shares_of_the_whole_schedule(counts, accumulation, passes):
+    """Any layout: weight = tokens / tokens of its window, windows cut from ``passes x micro-batches``."""
+    from alignment.ppo.rl_trainer import RLTrainer
+
+    steps = len(counts) * passes
+    assume(steps % accumulation == 0)  # validate_arguments accepts only layouts ending on a step
+    fake = types.SimpleNamespace(
+        args=types.SimpleNamespace(gradient_accumulation_steps=accumulation), dp_world=1, loss_weight_basis=lambda b: b["n"]
+    )
+    weights = RLTrainer.loss_weights(fake, [{"n": float(n)} for n in counts], passes)
+    schedule = counts * passes
+    assert len(weights) == steps
+    for begin in range(0, steps, accumulation):
+        window = schedule[begin : begin + accumulation]
+        for offset, n in enumerate(window):
+            assert weights[begin + offset] == pytest.approx(n / sum(window) if sum(window) else 0.0)
