@@ -21,7 +21,7 @@ from alignment.rewards import remote
 from alignment.rewards.remote import (
     PROTOCOL_VERSION,
     ProtocolError,
-    RemoteReward,
+    RemoteRewardSource,
     RemoteRewardError,
     backoff_delay,
     decode_rewards,
@@ -256,13 +256,13 @@ def test_reward_server_settings_are_checked_without_network(url, timeout, retrie
     assert [name for name, _ in remote_reward_problems(url, timeout, retries, batch)] == fields
     if fields:
         with pytest.raises(ValueError, match=fields[0]):
-            RemoteReward(url or "http://127.0.0.1:1/r", timeout=timeout, max_retries=retries, batch_size=batch)
+            RemoteRewardSource(url or "http://127.0.0.1:1/r", timeout=timeout, max_retries=retries, batch_size=batch)
 
 
 # ------------------------------------------------------------------------------- over loopback
 def test_remote_rewards_equal_the_local_function_in_order_across_batches(reference_server):
     server, calls = reference_server
-    client = RemoteReward(server.url, timeout=10, max_retries=0, batch_size=4)
+    client = RemoteRewardSource(server.url, timeout=10, max_retries=0, batch_size=4)
     client.probe()
     rewards = client(PROMPTS, RESPONSES, EXTRAS)
     assert calls == [4, 2]  # the probe never reaches the function; 6 items in batches of 4
@@ -282,14 +282,14 @@ def test_health_and_unknown_paths(reference_server):
     assert response.status == 200
     assert json.loads(response.read()) == {"status": "ok", "protocol_version": PROTOCOL_VERSION, "path": "/rewards"}
     connection.close()
-    client = RemoteReward(server.url.replace("/rewards", "/score"), timeout=10, max_retries=3)
+    client = RemoteRewardSource(server.url.replace("/rewards", "/score"), timeout=10, max_retries=3)
     with pytest.raises(RemoteRewardError, match=r"refused row 0 of 1: HTTP 404: POST /score: unknown path; rewards are served at /rewards"):
         client(PROMPTS[:1], RESPONSES[:1])
 
 
 def test_a_reward_function_error_reaches_the_client_once(reference_server, no_sleep):
     server, calls = reference_server
-    client = RemoteReward(server.url, timeout=10, max_retries=3)
+    client = RemoteRewardSource(server.url, timeout=10, max_retries=3)
     with pytest.raises(RemoteRewardError, match=r"refused row 0 of 1: HTTP 422: the reward function failed: ValueError: not a prompt"):
         client(["What is 2 + 2?"], ["4"])
     assert no_sleep == []  # deterministic failures are not retried
@@ -310,7 +310,7 @@ def test_a_reward_function_error_reaches_the_client_once(reference_server, no_sl
 )
 def test_garbage_or_a_refusal_stops_at_once_naming_the_server(scripted, no_sleep, answer, message):
     server = scripted([answer])
-    client = RemoteReward(server.url, timeout=10, max_retries=3)
+    client = RemoteRewardSource(server.url, timeout=10, max_retries=3)
     with pytest.raises(RemoteRewardError, match=message) as error:
         client(PROMPTS[:2], RESPONSES[:2])
     assert str(error.value).startswith(f"reward server {server.url} ")
@@ -319,7 +319,7 @@ def test_garbage_or_a_refusal_stops_at_once_naming_the_server(scripted, no_sleep
 
 def test_server_errors_are_retried_with_backoff_then_succeed(scripted, no_sleep):
     server = scripted([(503, b'{"error": "warming up"}'), (500, b"oops"), ok([0.25, 0.75])])
-    client = RemoteReward(server.url, timeout=10, max_retries=2, backoff=0.5)
+    client = RemoteRewardSource(server.url, timeout=10, max_retries=2, backoff=0.5)
     np.testing.assert_array_equal(client(PROMPTS[:2], RESPONSES[:2], EXTRAS[:2]), np.float32([0.25, 0.75]))
     assert no_sleep == [0.5, 1.0]
     assert len(server.requests) == 3
@@ -328,7 +328,7 @@ def test_server_errors_are_retried_with_backoff_then_succeed(scripted, no_sleep)
 
 def test_retries_are_bounded_then_fail_clearly(scripted, no_sleep):
     server = scripted([(503, b'{"error": "overloaded"}')])
-    client = RemoteReward(server.url, timeout=10, max_retries=3, backoff=1.0, max_backoff=2.5)
+    client = RemoteRewardSource(server.url, timeout=10, max_retries=3, backoff=1.0, max_backoff=2.5)
     with pytest.raises(RemoteRewardError) as error:
         client(PROMPTS[:2], RESPONSES[:2])
     assert len(server.requests) == 4 and no_sleep == [1.0, 2.0, 2.5]
@@ -344,18 +344,18 @@ def _free_port() -> int:
 
 def test_a_service_that_is_down_fails_clearly_after_bounded_retries(no_sleep):
     url = f"http://127.0.0.1:{_free_port()}/rewards"
-    client = RemoteReward(url, timeout=5, max_retries=2, backoff=0.1)
+    client = RemoteRewardSource(url, timeout=5, max_retries=2, backoff=0.1)
     with pytest.raises(RemoteRewardError, match=r"failed 3 attempt\(s\) for the probe .* connection refused") as error:
         client.probe()
     assert url in str(error.value) and no_sleep == [0.1, 0.2]
     with pytest.raises(RemoteRewardError, match=r"failed 1 attempt\(s\) for row 0 of 1 .* connection refused"):
-        RemoteReward(url, timeout=5, max_retries=0)(PROMPTS[:1], RESPONSES[:1])
+        RemoteRewardSource(url, timeout=5, max_retries=0)(PROMPTS[:1], RESPONSES[:1])
 
 
 def test_a_slow_service_times_out_per_request_and_is_retried(scripted, no_sleep):
     hold = threading.Event()
     server = scripted([ok([1.0])], hold=hold)
-    client = RemoteReward(server.url, timeout=0.3, max_retries=1, backoff=0.0)
+    client = RemoteRewardSource(server.url, timeout=0.3, max_retries=1, backoff=0.0)
     try:
         with pytest.raises(RemoteRewardError, match=r"failed 2 attempt\(s\) .* no complete answer within reward_server_timeout=0.3 s"):
             client(PROMPTS[:1], RESPONSES[:1])
@@ -363,3 +363,21 @@ def test_a_slow_service_times_out_per_request_and_is_retried(scripted, no_sleep)
     finally:
         hold.set()
     assert math.isclose(client(PROMPTS[:1], RESPONSES[:1])[0], 1.0)  # released: the same client works again
+
+
+def test_the_remote_source_is_a_reward_source_and_adds_to_others(reference_server):
+    from alignment.rewards import RewardSource, SumOfRewardSources
+
+    server, _ = reference_server
+    client = RemoteRewardSource(server.url, timeout=10, max_retries=0)
+    assert isinstance(client, RewardSource) and client.name == "remote"
+
+    class Constant(RewardSource):
+        name = "constant"
+
+        def __call__(self, prompts, responses, extras):
+            return np.full(len(prompts), 0.25, dtype=np.float32)
+
+    total = SumOfRewardSources([client, Constant()])
+    np.testing.assert_array_equal(total.score(PROMPTS, RESPONSES, EXTRAS), task_score_source(PROMPTS, RESPONSES, EXTRAS) + 0.25)
+    np.testing.assert_array_equal(total.parts()["remote"], task_score_source(PROMPTS, RESPONSES, EXTRAS))

@@ -1,4 +1,4 @@
-"""Rewards from a remote HTTP service: the client (:class:`RemoteReward`) and the server side.
+"""Rewards from a remote HTTP service: the client (:class:`RemoteRewardSource`) and the server side.
 
 Protocol version 1 (:data:`PROTOCOL_VERSION`, described for service authors in docs/rewards.md)::
 
@@ -13,7 +13,7 @@ Protocol version 1 (:data:`PROTOCOL_VERSION`, described for service authors in d
 list is a valid request (answered with ``"rewards": []``); the client sends one as a probe before
 training starts.
 
-:class:`RemoteReward` is a ``RewardSource``: ``reward(prompts, responses, extras) -> float32 [B]``.
+:class:`RemoteRewardSource` is a :class:`~alignment.rewards.RewardSource`: ``reward(prompts, responses, extras) -> float32 [B]``.
 It never invents a reward: a service that is down, slow or answers anything but one finite number
 per item raises :class:`RemoteRewardError` naming the URL, the rows and what was wrong.
 
@@ -37,11 +37,13 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from alignment.rewards import RewardError, RewardSource
+
 __all__ = [
     "PROTOCOL_VERSION",
     "RETRYABLE_STATUS",
     "RemoteRewardError",
-    "RemoteReward",
+    "RemoteRewardSource",
     "remote_reward_problems",
     "backoff_delay",
     "encode_request",
@@ -59,10 +61,11 @@ RETRYABLE_STATUS = frozenset({408, 429}) | frozenset(range(500, 600))
 #: Largest answer (client) / request (server) body accepted, in bytes.
 MAX_BODY_BYTES = 64 * 1024 * 1024
 
-RewardSource = Callable[[Sequence[str], Sequence[str], Sequence[Mapping[str, Any]]], np.ndarray]
+#: What the server side scores with: any ``RewardSource``, or a plain function of the same signature.
+LocalRewardSource = Callable[[Sequence[str], Sequence[str], Sequence[Mapping[str, Any]]], np.ndarray]
 
 
-class RemoteRewardError(RuntimeError):
+class RemoteRewardError(RewardError):
     """The reward service is unreachable, too slow, refused the request or answered garbage."""
 
 
@@ -197,8 +200,8 @@ class _Timeout(Exception):
     pass
 
 
-class RemoteReward:
-    """A ``RewardSource`` that asks a reward service over HTTP (protocol :data:`PROTOCOL_VERSION`).
+class RemoteRewardSource(RewardSource):
+    """A :class:`~alignment.rewards.RewardSource` that asks a reward service over HTTP (protocol :data:`PROTOCOL_VERSION`).
 
     Args:
         url: the endpoint requests are POSTed to (``http://host:port/path``; the reference server's is
@@ -212,6 +215,8 @@ class RemoteReward:
     ``reward(prompts, responses, extras)`` returns ``float32 [B]`` in the order of the inputs, or raises
     :class:`RemoteRewardError` naming the URL, the rows and the last failure.
     """
+
+    name = "remote"
 
     def __init__(
         self,
@@ -239,7 +244,7 @@ class RemoteReward:
         self._path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
     def __repr__(self) -> str:
-        return f"RemoteReward({self.url!r}, timeout={self.timeout}, max_retries={self.max_retries}, batch_size={self.batch_size})"
+        return f"RemoteRewardSource({self.url!r}, timeout={self.timeout}, max_retries={self.max_retries}, batch_size={self.batch_size})"
 
     def __call__(
         self, prompts: Sequence[str], responses: Sequence[str], extras: Sequence[Mapping[str, Any]] | None = None
@@ -336,7 +341,7 @@ class RemoteReward:
 
 
 # ----------------------------------------------------------------------------------------- server
-def handle_reward_request(body: bytes, reward_source: RewardSource) -> tuple[int, dict[str, Any]]:
+def handle_reward_request(body: bytes, reward_source: LocalRewardSource) -> tuple[int, dict[str, Any]]:
     """``(HTTP status, JSON answer)`` for one request body, scoring it with ``reward_source``.
 
     400: not a protocol request (the message says why); 422: the reward function failed or returned
@@ -421,7 +426,7 @@ class _RewardHandler(BaseHTTPRequestHandler):
 class _RewardServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address, reward_source: RewardSource, path: str, info: Mapping[str, Any], log_requests: bool) -> None:
+    def __init__(self, address, reward_source: LocalRewardSource, path: str, info: Mapping[str, Any], log_requests: bool) -> None:
         super().__init__(address, _RewardHandler)
         self.reward_source = reward_source
         self.path = path
@@ -435,7 +440,7 @@ class _RewardServer(ThreadingHTTPServer):
 
 
 def make_reward_server(
-    reward_source: RewardSource,
+    reward_source: LocalRewardSource,
     host: str = "127.0.0.1",
     port: int = 0,
     path: str = "/rewards",
