@@ -381,3 +381,96 @@ def test_the_remote_source_is_a_reward_source_and_adds_to_others(reference_serve
     total = SumOfRewardSources([client, Constant()])
     np.testing.assert_array_equal(total.score(PROMPTS, RESPONSES, EXTRAS), task_score_source(PROMPTS, RESPONSES, EXTRAS) + 0.25)
     np.testing.assert_array_equal(total.parts()["remote"], task_score_source(PROMPTS, RESPONSES, EXTRAS))
+
+
+# --------------------------------------------------------------------- the reference server script
+CUSTOM_REWARD_MODULE = '''
+from alignment.rewards.functions import register_reward_function
+
+
+@register_reward_function("exact_answer")
+def exact_answer(prompt, response, answer=None, **extras):
+    return float(response.strip() == answer)
+'''
+
+
+@pytest.fixture
+def start_reward_server(python, repo_root):
+    """``start(*args) -> (process, url)``: scripts/reward_server.py on 127.0.0.1 with a free port."""
+    import os
+    import queue
+    import subprocess
+
+    processes = []
+
+    def start(*args, expect_url=True):
+        env = dict(os.environ, PYTHONPATH=repo_root)
+        process = subprocess.Popen(
+            [python, "scripts/reward_server.py", "--port", "0", *args],
+            cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        processes.append(process)
+        if not expect_url:
+            return process, None
+        lines: queue.Queue = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
+        try:
+            first = lines.get(timeout=120)
+        except queue.Empty:
+            raise AssertionError("the reward server printed nothing within 120 s") from None
+        assert first.startswith("reward server listening on http://127.0.0.1:"), first
+        process.lines = lines
+        return process, first.split()[-1]
+
+    yield start
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=30)
+
+
+def test_reference_server_serves_registered_and_custom_functions_like_the_trainer(start_reward_server, tmp_path):
+    import http.client
+    import signal
+    from urllib.parse import urlsplit
+
+    from alignment.rewards.functions import RewardFunctions, import_custom_reward_modules
+
+    module = tmp_path / "my_rewards.py"
+    module.write_text(CUSTOM_REWARD_MODULE)
+    spec = "task_score:2.0,length:-0.5,exact_answer"
+    process, url = start_reward_server("--reward-functions", spec, "--custom-reward-modules", str(module), "--quiet")
+    assert urlsplit(url).path == "/rewards"
+
+    connection = http.client.HTTPConnection("127.0.0.1", urlsplit(url).port, timeout=30)
+    connection.request("GET", "/health")
+    health = connection.getresponse()
+    assert health.status == 200
+    assert json.loads(health.read()) == {"status": "ok", "protocol_version": 1, "path": "/rewards", "reward_functions": spec}
+    connection.close()
+
+    extras = [{"answer": "No idea."} if i == 3 else {"answer": "x"} for i in range(len(PROMPTS))]
+    client = RemoteRewardSource(url, timeout=30, max_retries=0, batch_size=4)
+    client.probe()
+    remote_rewards = client(PROMPTS, RESPONSES, extras)
+    import_custom_reward_modules(str(module))  # the same function, registered in this process
+    local_rewards = RewardFunctions(spec).score(PROMPTS, RESPONSES, extras)
+    np.testing.assert_array_equal(remote_rewards, local_rewards)
+    words = [len(r.split()) for r in RESPONSES]
+    np.testing.assert_allclose(
+        remote_rewards, [2 * s - 0.5 * w + (i == 3) for i, (s, w) in enumerate(zip([1, 0.5, 0.5, 0, 1, 1], words))], rtol=1e-6
+    )
+    with pytest.raises(RemoteRewardError, match="HTTP 422: the reward function failed: .*reward function 'task_score' failed on row 0"):
+        client(["What is 2 + 2?"], ["4"], [{}])
+
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
+    with pytest.raises(RemoteRewardError, match="connection refused"):
+        client.probe()
+
+
+def test_reference_server_refuses_an_unknown_function_before_serving(start_reward_server):
+    process, _ = start_reward_server("--reward-functions", "task_score,no_such_reward", expect_url=False)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 2 and out == ""
+    assert "reward_server: unknown reward function 'no_such_reward'; registered: [" in err and "'task_score'" in err
