@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -32,6 +33,7 @@ from alignment.rewards.remote import (
     serve_in_thread,
 )
 
+DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 PROMPTS = [prompt.text for prompt in all_prompts()[:5]] + [all_prompts()[-1].text]
 RESPONSES = [
     "Sure! Rice is a wonderful topic. Be patient and enjoy it.",  # polite, on topic: 1.0
@@ -397,7 +399,6 @@ def exact_answer(prompt, response, answer=None, **extras):
 @pytest.fixture
 def start_reward_server(python, repo_root):
     """``start(*args) -> (process, url)``: scripts/reward_server.py on 127.0.0.1 with a free port."""
-    import os
     import queue
     import subprocess
 
@@ -474,3 +475,34 @@ def test_reference_server_refuses_an_unknown_function_before_serving(start_rewar
     out, err = process.communicate(timeout=120)
     assert process.returncode == 2 and out == ""
     assert "reward_server: unknown reward function 'no_such_reward'; registered: [" in err and "'task_score'" in err
+
+
+# ------------------------------------------------------------------------------ through run_ppo.py
+def test_reward_server_arguments_are_checked_before_anything_loads(tmp_path, tiny_assets):
+    from alignment.ppo import run_ppo
+    from alignment.utils.config import ConfigError
+
+    config = {
+        "train_datasets": f"PKU-SafeRLHF/train:1:{DATA_DIR}/safe_rlhf/train.jsonl",
+        "actor_model_name_or_path": tiny_assets["llama"],
+        "output_dir": str(tmp_path / "out"),
+        "rl_algorithm": "grpo",
+        "num_return_sequences": 2,
+        "reward_server": "127.0.0.1:8000/rewards",
+        "reward_server_timeout": 0,
+        "reward_server_max_retries": -1,
+        "reward_server_batch_size": 0,
+    }
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(ConfigError) as info:
+        run_ppo.main([str(path)])
+    message = str(info.value)
+    assert message.startswith("4 problem(s)"), message
+    for expected in [
+        "reward_server: '127.0.0.1:8000/rewards' is not an http:// or https:// URL with a host",
+        "reward_server_timeout: must be a number of seconds > 0, got 0.0",
+        "reward_server_max_retries: must be an integer >= 0, got -1",
+        "reward_server_batch_size: must be an integer >= 1, got 0",
+    ]:
+        assert expected in message, message

@@ -68,8 +68,17 @@ class ModelArgument:
                           "added to the reward model's score when both are given (alignment/rewards/functions.py)."},
     )  # fmt: skip
     reward_server: Optional[str] = field(
-        default=None, metadata={"help": "URL of a remote reward service (http://host:port); its reward is added to the others."}
+        default=None,
+        metadata={"help": "URL of a remote reward service the rollouts are POSTed to (e.g. http://127.0.0.1:8000/rewards, "
+                          "see docs/rewards.md); its reward is added to the others."},
+    )  # fmt: skip
+    reward_server_timeout: float = field(
+        default=60.0, metadata={"help": "Seconds one reward_server request may take (connect to last byte)."}
     )
+    reward_server_max_retries: int = field(
+        default=3, metadata={"help": "Retries of a reward_server request after a connection error, timeout or HTTP 5xx (backoff 1, 2, 4.. s)."}
+    )
+    reward_server_batch_size: int = field(default=128, metadata={"help": "Responses per reward_server request."})
     custom_reward_modules: Optional[str] = field(
         default=None, metadata={"help": "Comma-separated modules or .py files registering reward functions to import."}
     )
@@ -274,12 +283,13 @@ def validate_arguments(model_args: ModelArgument, data_args: DataArgument, args:
                 get_reward_function(name)
         except (KeyError, ValueError) as error:
             problems.add("reward_functions", str(error).strip('"'))
-    if model_args.reward_server:
-        problems.check(
-            model_args.reward_server.startswith(("http://", "https://")),
-            "reward_server",
-            f"must be an http:// or https:// URL, got {model_args.reward_server!r}",
-        )
+    from alignment.rewards.remote import remote_reward_problems
+
+    for name, message in remote_reward_problems(
+        model_args.reward_server, model_args.reward_server_timeout, model_args.reward_server_max_retries,
+        model_args.reward_server_batch_size,
+    ):  # fmt: skip
+        problems.add(name, message)
     for name in ("kl_loss_coeff", "entropy_coeff"):
         problems.check(getattr(args, name) >= 0, name, f"must be >= 0, got {getattr(args, name)}")
     for name in ("clip_range_ratio_low", "clip_range_ratio_high"):
