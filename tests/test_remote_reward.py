@@ -397,8 +397,9 @@ def exact_answer(prompt, response, answer=None, **extras):
 
 
 @pytest.fixture
-def start_reward_server(python, repo_root):
-    """``start(*args) -> (process, url)``: scripts/reward_server.py on 127.0.0.1 with a free port."""
+def start_reward_server(python, repo_root, tmp_path):
+    """``start(*args) -> (process, url)``: scripts/reward_server.py on 127.0.0.1 with a free port; its
+    log (stderr) goes to ``process.log_path``."""
     import queue
     import subprocess
 
@@ -406,10 +407,13 @@ def start_reward_server(python, repo_root):
 
     def start(*args, expect_url=True):
         env = dict(os.environ, PYTHONPATH=repo_root)
-        process = subprocess.Popen(
-            [python, "scripts/reward_server.py", "--port", "0", *args],
-            cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+        log_path = tmp_path / f"reward_server_{len(processes)}.log"
+        with open(log_path, "w") as log:
+            process = subprocess.Popen(
+                [python, "scripts/reward_server.py", "--port", "0", *args],
+                cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=log, text=True,
+            )  # fmt: skip
+        process.log_path = log_path
         processes.append(process)
         if not expect_url:
             return process, None
@@ -472,7 +476,8 @@ def test_reference_server_serves_registered_and_custom_functions_like_the_traine
 
 def test_reference_server_refuses_an_unknown_function_before_serving(start_reward_server):
     process, _ = start_reward_server("--reward-functions", "task_score,no_such_reward", expect_url=False)
-    out, err = process.communicate(timeout=120)
+    out, _ = process.communicate(timeout=120)
+    err = process.log_path.read_text()
     assert process.returncode == 2 and out == ""
     assert "reward_server: unknown reward function 'no_such_reward'; registered: [" in err and "'task_score'" in err
 
@@ -506,3 +511,4 @@ def test_reward_server_arguments_are_checked_before_anything_loads(tmp_path, tin
         "reward_server_batch_size: must be an integer >= 1, got 0",
     ]:
         assert expected in message, message
+
