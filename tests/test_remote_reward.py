@@ -385,6 +385,19 @@ def test_the_remote_source_is_a_reward_source_and_adds_to_others(reference_serve
     np.testing.assert_array_equal(total.parts()["remote"], task_score_source(PROMPTS, RESPONSES, EXTRAS))
 
 
+def test_probe_reaches_every_remote_part_of_a_source(reference_server, no_sleep):
+    from alignment.rewards import SumOfRewardSources
+    from alignment.rewards.remote import probe_reward_servers
+
+    server, calls = reference_server
+    down = f"http://127.0.0.1:{_free_port()}/rewards"
+    probe_reward_servers(None)
+    probe_reward_servers(SumOfRewardSources([RemoteRewardSource(server.url, max_retries=0)]))
+    with pytest.raises(RemoteRewardError, match=f"reward server {down} failed 1 attempt"):
+        probe_reward_servers(SumOfRewardSources([RemoteRewardSource(server.url), RemoteRewardSource(down, max_retries=0)]))
+    assert calls == []  # probes never reach the reward function
+
+
 # --------------------------------------------------------------------- the reference server script
 CUSTOM_REWARD_MODULE = '''
 from alignment.rewards.functions import register_reward_function

@@ -44,6 +44,7 @@ __all__ = [
     "RETRYABLE_STATUS",
     "RemoteRewardError",
     "RemoteRewardSource",
+    "probe_reward_servers",
     "remote_reward_problems",
     "backoff_delay",
     "encode_request",
@@ -338,6 +339,15 @@ class RemoteRewardSource(RewardSource):
             raise _Timeout() from None
         finally:
             connection.close()
+
+
+def probe_reward_servers(source: RewardSource | None) -> None:
+    """:meth:`RemoteRewardSource.probe` every remote service in ``source`` (itself, or the parts of a
+    :class:`~alignment.rewards.SumOfRewardSources`): call it before loading models."""
+    if isinstance(source, RemoteRewardSource):
+        source.probe()
+    for part in getattr(source, "sources", []):
+        probe_reward_servers(part)
 
 
 # ----------------------------------------------------------------------------------------- server
