@@ -525,3 +525,104 @@ def test_reward_server_arguments_are_checked_before_anything_loads(tmp_path, tin
     ]:
         assert expected in message, message
 
+
+
+def test_a_service_that_is_down_stops_the_run_before_any_model_loads(tmp_path, tiny_assets, monkeypatch):
+    from alignment.ppo import run_ppo
+    from alignment.utils.config import parse_arguments
+
+    url = f"http://127.0.0.1:{_free_port()}/rewards"
+    config = {
+        "train_datasets": f"PKU-SafeRLHF/train:1:{DATA_DIR}/safe_rlhf/train.jsonl",
+        "actor_model_name_or_path": tiny_assets["llama"],
+        "output_dir": str(tmp_path / "out"),
+        "rl_algorithm": "grpo",
+        "num_return_sequences": 2,
+        "reward_server": url,
+        "reward_server_max_retries": 0,
+        "max_length": 48,
+        "max_new_tokens": 8,
+    }
+    path = tmp_path / "down.json"
+    path.write_text(json.dumps(config))
+    arguments = parse_arguments((run_ppo.ModelArgument, run_ppo.DataArgument, run_ppo.TrainingArguments), [str(path)])
+    run_ppo.validate_arguments(*arguments, str(path))  # valid settings: only the probe can tell the service is down
+
+    def no_models(*args, **kwargs):
+        raise AssertionError("models loaded although the reward service is down")
+
+    monkeypatch.setattr(run_ppo, "load_models", no_models)
+    monkeypatch.setattr(run_ppo, "load_datasets", no_models)
+    with pytest.raises(RemoteRewardError, match=rf"reward server {url} failed 1 attempt\(s\) for the probe .* connection refused"):
+        run_ppo.build_trainer(*arguments, str(path))
+
+
+@pytest.mark.slow
+def test_grpo_trains_through_the_server_and_stops_clearly_when_it_dies(tmp_path, tiny_assets, start_reward_server, repo_root, python):
+    """The issue's end-to-end run: GRPO rewarded by the reference server; the server is SIGKILLed mid-run."""
+    import signal
+    import subprocess
+    import time
+
+    from alignment.utils.checkpoint import checkpoint_dirs, get_last_checkpoint, verify_checkpoint
+    from alignment.utils.metrics import read_metrics
+
+    server, url = start_reward_server("--reward-functions", "task_score")
+    output = tmp_path / "grpo"
+    config = {
+        "train_datasets": f"PKU-SafeRLHF/train:1:{DATA_DIR}/safe_rlhf/train.jsonl",
+        "actor_model_name_or_path": tiny_assets["llama"],
+        "rl_algorithm": "grpo",
+        "reward_server": url,
+        "reward_server_timeout": 10,
+        "reward_server_max_retries": 1,
+        "num_return_sequences": 2,
+        "per_device_prompt_batch_size": 2,
+        "per_device_train_batch_size": 4,
+        "max_length": 48,
+        "max_new_tokens": 8,
+        "max_steps": 200,  # far more than it gets to run
+        "learning_rate": 1e-4,
+        "logging_steps": 1,
+        "save_strategy": "steps",
+        "save_steps": 1,
+        "save_total_limit": 2,
+        "do_train": True,
+        "report_to": "none",
+        "disable_tqdm": True,
+        "output_dir": str(output),
+        "seed": 3,
+    }
+    path = tmp_path / "grpo.json"
+    path.write_text(json.dumps(config))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=repo_root)
+    run = subprocess.Popen([python, os.path.join(repo_root, "alignment", "ppo", "run_ppo.py"), str(path)], cwd=repo_root,
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not (output / "checkpoint-2" / "manifest.json").exists():  # two updates rewarded by the server
+            assert run.poll() is None, "the run ended before the server was killed:\n" + run.stdout.read()[-4000:]
+            assert time.monotonic() < deadline, "no checkpoint-2 within 300 s"
+            time.sleep(0.05)
+        server.send_signal(signal.SIGKILL)
+        server.wait(timeout=30)
+        log, _ = run.communicate(timeout=300)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait(timeout=30)
+
+    assert run.returncode != 0, log[-4000:]
+    assert f"RemoteRewardError: reward server {url} failed 2 attempt(s)" in log, log[-4000:]
+    assert "(reward_server_max_retries=1); last error: connection refused" in log, log[-4000:]
+    assert not (output / "policy").exists()  # it stopped: no final model
+    # The steps before the kill were rewarded through the server (one POST per rollout, after the probe).
+    steps = [record for record in read_metrics(str(output)) if "train/reward" in record]
+    assert len(steps) >= 2 and all(math.isfinite(record["train/reward"]) for record in steps)
+    posts = [line for line in server.log_path.read_text().splitlines() if '"POST /rewards HTTP/1.1" 200' in line]
+    assert len(posts) >= len(steps) + 1, posts  # the probe, then one request of 4 responses per rollout
+    # The newest checkpoint is complete and verifies; nothing half-written is left.
+    last = get_last_checkpoint(str(output))
+    assert last is not None and checkpoint_dirs(str(output))[-1][1] == last
+    verify_checkpoint(last)
+    assert not [name for name in os.listdir(output) if ".tmp" in name or ".old" in name]

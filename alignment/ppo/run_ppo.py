@@ -534,8 +534,14 @@ def build_trainer(model_args: ModelArgument, data_args: DataArgument, args: Trai
     from alignment.rewards import build_reward_source
 
     reward_source = build_reward_source(
-        model_args.reward_functions, model_args.reward_server, model_args.custom_reward_modules
-    )
+        model_args.reward_functions, model_args.reward_server, model_args.custom_reward_modules,
+        timeout=model_args.reward_server_timeout, max_retries=model_args.reward_server_max_retries,
+        batch_size=model_args.reward_server_batch_size,
+    )  # fmt: skip
+    if model_args.reward_server:  # a service that is down or speaks another protocol fails now, before the models load
+        from alignment.rewards.remote import probe_reward_servers
+
+        probe_reward_servers(reward_source)
     critic_path = model_args.reward_critic_model_name_or_path
     if critic_path and not is_same_tokenizer(tokenizer, load_tokenizer(critic_path)):
         raise ValueError(
