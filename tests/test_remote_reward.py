@@ -457,14 +457,14 @@ def test_reference_server_serves_registered_and_custom_functions_like_the_traine
     module = tmp_path / "my_rewards.py"
     module.write_text(CUSTOM_REWARD_MODULE)
     spec = "task_score:2.0,length:-0.5,exact_answer"
-    process, url = start_reward_server("--reward-functions", spec, "--custom-reward-modules", str(module), "--quiet")
-    assert urlsplit(url).path == "/rewards"
+    process, url = start_reward_server("--reward-functions", spec, "--custom-reward-modules", str(module), "--path", "/v1/score", "--quiet")
+    assert urlsplit(url).path == "/v1/score"
 
     connection = http.client.HTTPConnection("127.0.0.1", urlsplit(url).port, timeout=30)
     connection.request("GET", "/health")
     health = connection.getresponse()
     assert health.status == 200
-    assert json.loads(health.read()) == {"status": "ok", "protocol_version": 1, "path": "/rewards", "reward_functions": spec}
+    assert json.loads(health.read()) == {"status": "ok", "protocol_version": 1, "path": "/v1/score", "reward_functions": spec}
     connection.close()
 
     extras = [{"answer": "No idea."} if i == 3 else {"answer": "x"} for i in range(len(PROMPTS))]
@@ -483,6 +483,7 @@ def test_reference_server_serves_registered_and_custom_functions_like_the_traine
 
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 0
+    assert "POST" not in process.log_path.read_text()  # --quiet: no request log
     with pytest.raises(RemoteRewardError, match="connection refused"):
         client.probe()
 

@@ -6,16 +6,17 @@ Protocol version 1 (:data:`PROTOCOL_VERSION`, described for service authors in d
     {"version": 1, "items": [{"prompt": "...", "response": "...", "extras": {...}}, ...]}
 
     200 {"version": 1, "rewards": [0.5, 1.0, ...]}     one finite number per item, same order
-    4xx {"error": "why the request is wrong"}          not retried: the run stops with the message
+    other 4xx {"error": "why the request is wrong"}    not retried: the run stops with the message
     5xx, 408, 429 {"error": "..."}                     retried (bounded, with backoff)
 
 ``extras`` holds the dataset row's extra fields (e.g. a ground-truth answer). An empty ``items``
 list is a valid request (answered with ``"rewards": []``); the client sends one as a probe before
 training starts.
 
-:class:`RemoteRewardSource` is a :class:`~alignment.rewards.RewardSource`: ``reward(prompts, responses, extras) -> float32 [B]``.
-It never invents a reward: a service that is down, slow or answers anything but one finite number
-per item raises :class:`RemoteRewardError` naming the URL, the rows and what was wrong.
+:class:`RemoteRewardSource` is a :class:`~alignment.rewards.RewardSource`:
+``source(prompts, responses, extras) -> float32 [B]``. It never invents a reward: a service that is
+down, slow or answers anything but one finite number per item raises :class:`RemoteRewardError`
+naming the URL, the rows and what was wrong.
 
 The server side (:func:`handle_reward_request`, :func:`make_reward_server`) wraps any local
 ``RewardSource``; ``scripts/reward_server.py`` serves the registered reward functions with it.
