@@ -394,12 +394,17 @@ class RLTrainer(abc.ABC):
         if not getattr(args, "rollout_seed_per_prompt", False) or indices is None:
             paddle.seed(rollout_seed(args.seed, step, self.dp_rank))
             return self.generate(prompt_batch["input_ids"], prompt_batch["attention_mask"])
+        input_ids, attention_mask = prompt_batch["input_ids"], prompt_batch["attention_mask"]
+        prompt_width, pad = input_ids.shape[1], self.tokenizer.pad_token_id
         parts = []
         for row, index in enumerate(indices):
             paddle.seed(rollout_seed(args.seed, step, 1_000_003 + int(index)))
-            parts.append(self.generate(prompt_batch["input_ids"][row : row + 1], prompt_batch["attention_mask"][row : row + 1]))
+            real = int(attention_mask[row].astype("int64").sum())  # generate from the unpadded prompt: the
+            prompt = input_ids[row : row + 1, prompt_width - real :]  # same input whatever the batch width
+            generated = self.generate(prompt, paddle.ones_like(prompt, dtype=attention_mask.dtype))
+            left = paddle.full([generated.shape[0], prompt_width - real], pad, dtype=generated.dtype)
+            parts.append(paddle.concat([left, generated], axis=1))
         width = max(part.shape[1] for part in parts)
-        pad = self.tokenizer.pad_token_id
         parts = [
             paddle.concat([p, paddle.full([p.shape[0], width - p.shape[1]], pad, dtype=p.dtype)], axis=1) if p.shape[1] < width else p
             for p in parts
