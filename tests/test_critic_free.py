@@ -276,3 +276,44 @@ def test_benchmark_ppo_times_a_critic_free_step(repo_root):
         cwd=repo_root, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert bad.returncode != 0 and "--samples" in bad.stderr
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_grpo_under_tensor_and_pipeline_parallel_matches_one_process(tmp_path, tiny_assets, repo_root):
+    """TP=2 and PP=2 (2 processes each, one job): both ranks of the replica sample the same groups, the
+    estimator sees whole groups, the actor loss (with its entropy / KL / clip metrics broadcast from the last
+    pipeline stage) runs inside the pipeline; metrics and the policy equal one process. No critic anywhere."""
+    from test_ppo_parallel import Runs  # the PPO parallel harness: run_ppo.main on several configs per job
+
+    data = os.path.join(repo_root, "data")
+    base = {
+        "rl_algorithm": "grpo", "rollout_n": 2, "reward_functions": "length", "kl_coeff": 0.0, "kl_loss_coeff": 0.1,
+        "entropy_coeff": 0.01, "clip_range_ratio_high": 0.3,
+        "train_datasets": f"PKU-SafeRLHF/train:1:{data}/safe_rlhf/train.jsonl",
+        "actor_model_name_or_path": tiny_assets["llama"], "max_length": 48, "max_new_tokens": 8,
+        "temperature": 1.0, "top_p": 1.0, "rollout_backend": "plain",
+        "per_device_prompt_batch_size": 2, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
+        "update_iters": 2, "learning_rate": 5e-4, "max_grad_norm": 0.05, "adam_epsilon": 1e-4, "max_steps": 4,
+        "logging_steps": 1, "save_strategy": "no", "do_train": True, "report_to": "none", "disable_tqdm": True, "seed": 13,
+    }  # fmt: skip
+    runs = Runs(tmp_path, base)
+    runs.base["max_steps"] = 4
+    runs.launch([runs.config("single")], nproc=1)
+    runs.launch([runs.config("tp", tensor_parallel_degree=2)], nproc=2)
+    runs.launch([runs.config("pp", pipeline_parallel_degree=2, eval_mode="single")], nproc=2)
+
+    keys = ["train/actor_loss", "train/reward", "train/group_reward_std", "train/zero_variance_groups", "train/kl_divergence",
+            "train/kl_loss", "train/entropy", "train/clip_fraction", "train/mean_generated_length"]  # fmt: skip
+    expected = {r["step"]: r for r in read_metrics(str(tmp_path / "single")) if "train/actor_loss" in r}
+    assert sorted(expected) == [2, 4] and all(r["train/kl_loss"] > 0 and r["train/entropy"] > 0 for r in expected.values())
+    for name in ("tp", "pp"):
+        got = {r["step"]: r for r in read_metrics(str(tmp_path / name)) if "train/actor_loss" in r}
+        assert sorted(got) == [2, 4], (name, got)
+        for step in expected:
+            for key in keys:
+                assert got[step][key] == pytest.approx(expected[step][key], rel=2e-5, abs=2e-6), (name, step, key)
+        want, have = runs.weights("single", "policy"), runs.weights(name, "policy")
+        for key in want:
+            np.testing.assert_allclose(have[key], want[key], rtol=0, atol=1e-5, err_msg=f"{name}/{key}")
+        assert not (tmp_path / name / "value").exists()
