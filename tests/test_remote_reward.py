@@ -528,6 +528,7 @@ def test_reward_server_arguments_are_checked_before_anything_loads(tmp_path, tin
 
 
 def test_a_service_that_is_down_stops_the_run_before_any_model_loads(tmp_path, tiny_assets, monkeypatch):
+    """build_trainer probes the service with the JSON's reward_server settings before loading anything."""
     from alignment.ppo import run_ppo
     from alignment.utils.config import parse_arguments
 
@@ -539,7 +540,9 @@ def test_a_service_that_is_down_stops_the_run_before_any_model_loads(tmp_path, t
         "rl_algorithm": "grpo",
         "num_return_sequences": 2,
         "reward_server": url,
+        "reward_server_timeout": 7.5,
         "reward_server_max_retries": 0,
+        "reward_server_batch_size": 3,
         "max_length": 48,
         "max_new_tokens": 8,
     }
@@ -551,10 +554,16 @@ def test_a_service_that_is_down_stops_the_run_before_any_model_loads(tmp_path, t
     def no_models(*args, **kwargs):
         raise AssertionError("models loaded although the reward service is down")
 
+    probed = []
+    probe = remote.probe_reward_servers
+    monkeypatch.setattr(remote, "probe_reward_servers", lambda source: probe(probed.append(source) or source))
     monkeypatch.setattr(run_ppo, "load_models", no_models)
     monkeypatch.setattr(run_ppo, "load_datasets", no_models)
     with pytest.raises(RemoteRewardError, match=rf"reward server {url} failed 1 attempt\(s\) for the probe .* connection refused"):
         run_ppo.build_trainer(*arguments, str(path))
+    [source] = probed
+    assert isinstance(source, RemoteRewardSource)
+    assert (source.url, source.timeout, source.max_retries, source.batch_size) == (url, 7.5, 0, 3)
 
 
 @pytest.mark.slow
