@@ -53,6 +53,8 @@ from alignment.ppo.trainer_utils import (
 )
 from alignment.utils.checkpoint import (
     CheckpointError,
+    checkpoint_dirs,
+    nonfinite_names,
     load_json,
     load_tensor_state,
     publish_directory,
@@ -61,7 +63,7 @@ from alignment.utils.checkpoint import (
     save_tensor_state,
     verify_checkpoint,
 )
-from alignment.utils.metrics import MetricsLogger, is_main_process
+from alignment.utils.metrics import MetricsLogger, is_main_process, truncate_metrics
 
 __all__ = ["RLTrainer", "TrainerState", "NonFiniteError", "RolloutSettings"]
 
@@ -501,8 +503,22 @@ class RLTrainer(abc.ABC):
         """Trainable parts saved into checkpoints, by sub-directory name."""
         return {"policy": self.actor_trainer, "value": self.critic_trainer}
 
+    def check_weights_finite(self, what: str) -> None:
+        """Raise :class:`NonFiniteError` on every rank if a trained model holds NaN/inf weights, before
+        ``what`` is written: a diverged model is never published (whatever ``on_nonfinite`` says)."""
+        bad = [f"{name}:{param}" for name, trainer in self.model_parts().items()
+               for param in nonfinite_names(trainer.model.named_parameters())]  # fmt: skip
+        if any_across_ranks(bool(bad)):
+            found = checkpoint_dirs(self.args.output_dir)
+            last = f"the last good checkpoint is {found[-1][1]}" if found else "no checkpoint was written"
+            raise NonFiniteError(
+                f"non-finite weights at step {self.state.global_step} ({', '.join(bad[:3]) or 'on another rank'}"
+                f"{', ...' if len(bad) > 3 else ''}): not saving {what}; {last}. Lower the learning rates."
+            )
+
     def save_checkpoint(self) -> str:
         """Write ``output_dir/checkpoint-<step>`` atomically (all ranks must call)."""
+        self.check_weights_finite(f"checkpoint-{self.state.global_step}")
         final = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
         scratch = final + ".tmp"
         rank = dist.get_rank()
@@ -554,6 +570,7 @@ class RLTrainer(abc.ABC):
 
     def save_final_models(self) -> None:
         """``output_dir/policy`` and ``output_dir/value``, each replaced atomically."""
+        self.check_weights_finite("the final models")
         for name, trainer in self.model_parts().items():
             final = os.path.join(self.args.output_dir, name)
             scratch = final + ".tmp"
@@ -590,13 +607,8 @@ class RLTrainer(abc.ABC):
 
     def metrics_logger_truncate(self, step: int) -> None:
         """Drop metric records written after ``step`` by the interrupted run."""
-        path = self.metrics_logger.path
-        if not self.metrics_logger.enabled or not os.path.isfile(path):
-            return
-        with open(path, encoding="utf-8") as file:
-            kept = [line for line in file if line.strip() and json.loads(line)["step"] <= step]
-        with open(path, "w", encoding="utf-8") as file:
-            file.writelines(kept)
+        if self.metrics_logger.enabled:
+            truncate_metrics(self.metrics_logger.path, step)
 
 
 def _load_weights(model: paddle.nn.Layer, directory: str) -> None:
