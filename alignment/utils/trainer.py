@@ -36,6 +36,7 @@ from alignment.utils.checkpoint import checkpoint_dirs, nonfinite_names, publish
 __all__ = [
     "ReliableTrainerMixin",
     "SeededDistributedBatchSampler",
+    "NonFiniteTrainingError",
     "NonFiniteLossError",
     "NonFiniteParameterError",
     "NonFiniteGuard",
@@ -43,11 +44,15 @@ __all__ = [
 ]
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteTrainingError(FloatingPointError):
+    """Training diverged (NaN/inf); nothing was saved from the diverged state."""
+
+
+class NonFiniteLossError(NonFiniteTrainingError):
     """The training loss became NaN or inf; the weights were not updated with it."""
 
 
-class NonFiniteParameterError(FloatingPointError):
+class NonFiniteParameterError(NonFiniteTrainingError):
     """Gradients or weights became NaN or inf; nothing was saved from them."""
 
 
