@@ -292,7 +292,8 @@ def _has_score_head(path: str) -> Optional[bool]:
         config = AutoConfig.from_pretrained(path)
     except Exception:  # unreachable hub name: loading reports it
         return None
-    return any("Score" in architecture for architecture in getattr(config, "architectures", None) or []) or None
+    architectures = getattr(config, "architectures", None) or []
+    return any("Score" in architecture for architecture in architectures) if architectures else None
 
 
 def check_before_loading(model_args: ModelArgument, data_args: DataArgument, args: TrainingArguments) -> None:

@@ -14,7 +14,11 @@ or only ``--field value`` pairs, and, before any model is touched:
 * then lets PaddleNLP's ``PdArgumentParser`` build the dataclasses as usual.
 
 Stage-specific range checks collect their findings in a :class:`Problems` and raise one
-:class:`ConfigError` listing all of them.
+:class:`ConfigError`; passed to ``parse_arguments(..., checks=[...])`` they run on the well-formed
+fields even when others are unknown or ill-typed, and every problem is reported in one error.
+
+:func:`run_entry_point` is how the ``run_*.py`` scripts call their ``main``: a user error prints its
+message alone (exit code 2), ``--debug`` or ``ALIGNMENT_DEBUG=1`` shows the traceback.
 """
 
 from __future__ import annotations
