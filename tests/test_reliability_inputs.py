@@ -250,6 +250,7 @@ def test_reported_failures_exit_1_and_unexpected_errors_keep_their_traceback(mon
         run_entry_point(crash, [])
 
 
+@pytest.mark.slow
 def test_sigint_stops_like_sigterm_with_checkpoints_intact(tmp_path, tiny_assets):
     output = tmp_path / "rm_out"
     path = stage_config("rm", tmp_path, tiny_assets, max_steps=400, save_strategy="steps", save_steps=2)
