@@ -228,20 +228,24 @@ def test_debug_flag_or_variable_shows_the_traceback(tmp_path, tiny_assets, monke
         run_entry_point(run_sft.main, [path])
 
 
-def test_reported_failures_exit_1_and_unexpected_errors_keep_their_traceback(monkeypatch, capsys):
+def test_data_errors_exit_2_reported_failures_exit_1_and_bugs_keep_their_traceback(monkeypatch, capsys):
+    from alignment.ppo.rl_trainer import NonFiniteError
     from alignment.utils.checkpoint import CheckpointError
     from alignment.utils.config import run_entry_point
     from alignment.utils.trainer import NonFiniteParameterError
 
     monkeypatch.delenv("ALIGNMENT_DEBUG", raising=False)
-    for error in (CheckpointError("checkpoint 'x' is missing y"), NonFiniteParameterError("non-finite gradients")):
+    for error, code in [(DatasetError("bad.jsonl line 2: invalid JSON"), 2),
+                        (CheckpointError("checkpoint 'x' is missing y"), 1),
+                        (NonFiniteParameterError("non-finite gradients"), 1), (NonFiniteError("non-finite rollout"), 1)]:  # fmt: skip
         def fail(argv, error=error):
             raise error
 
         with pytest.raises(SystemExit) as exit_info:
             run_entry_point(fail, [])
-        assert exit_info.value.code == 1
-        assert f"error: {error}\n" in capsys.readouterr().err
+        assert exit_info.value.code == code
+        stderr = capsys.readouterr().err
+        assert f"error: {error}\n" in stderr and "Traceback" not in stderr
 
     def crash(argv):
         raise KeyError("a bug")
