@@ -47,6 +47,7 @@ WEIGHTS_STOP = r"the optimizer step 1 made \d+ parameter\(s\) on this rank \(.*\
         ("sft", 1e39, WEIGHTS_STOP, []),
         ("rm", 1e39, WEIGHTS_STOP, []),
     ],
+    ids=["sft-gradients", "rm-loss", "sft-weights", "rm-weights"],
 )
 def test_absurd_learning_rate_stops_without_saving_a_nonfinite_model(
     stage, learning_rate, stop, checkpoints, tmp_path, tiny_assets

@@ -270,6 +270,10 @@ def parse_arguments(
         raise ConfigError([*problems, str(error)], source) from None
     except ConfigError as error:  # a dataclass's own __post_init__ checks
         raise ConfigError([*problems, *error.problems], source) from None
+    except ValueError as error:  # e.g. PaddleNLP's TrainingArguments checks: keep the problems found so far
+        if not problems:
+            raise
+        raise ConfigError([*problems, str(error)], source) from error
     for check in checks:
         try:
             check(*instances)
