@@ -137,15 +137,17 @@ def test_ppo_never_publishes_nonfinite_weights_and_resume_falls_back(tmp_path, t
 # ------------------------------------------------------------------------ resume
 
 
-@pytest.mark.parametrize("stage", ["sft", "rm"])
-def test_auto_resume_with_every_checkpoint_damaged_refuses_and_keeps_every_file(stage, tmp_path, tiny_assets, no_weights):
+@pytest.mark.parametrize("stage", ["sft", "rm", "ppo"])
+def test_auto_resume_with_every_checkpoint_damaged_refuses_and_keeps_every_file(
+    stage, tmp_path, tiny_assets, tiny_score_model, no_weights
+):
     output = tmp_path / f"{stage}_out"
     for step in (2, 4):
         os.makedirs(output / f"checkpoint-{step}")
         (output / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")  # no manifest: incomplete
     (output / "metrics.jsonl").write_text('{"step": 1, "loss": 6.9}\n')
     before = sorted(os.path.relpath(os.path.join(r, n), output) for r, _, ns in os.walk(output) for n in ns)
-    path = stage_config(stage, tmp_path, tiny_assets, resume_from_checkpoint="auto")
+    path = stage_config(stage, tmp_path, tiny_assets, tiny_score_model, resume_from_checkpoint="auto")
     with pytest.raises(CheckpointError) as info:
         stage_main(stage)([path])
     message = str(info.value)
