@@ -76,11 +76,14 @@ def test_guard_checks_gradients_before_and_weights_after_the_optimizer_step(tmp_
         guard.on_optimizer_begin(args, state, None, model=layer, scaler=None)
     guard.on_optimizer_begin(args, state, None, model=layer, scaler=object())  # fp16: the scaler skips such steps
     guard.on_optimizer_end(args, state, None, model=layer)  # the weights are still finite
-    os.makedirs(tmp_path / "checkpoint-4")
+    for step in (4, 5):  # checkpoint-5 is incomplete (no manifest): the note names checkpoint-4
+        os.makedirs(tmp_path / f"checkpoint-{step}")
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    write_manifest(str(tmp_path / "checkpoint-4"))
     with paddle.no_grad():
         layer.bias.set_value(paddle.to_tensor([1.0, float("nan")]))
     with pytest.raises(NonFiniteParameterError, match=r"optimizer step 7 made 1 parameter\(s\) on this rank \(bias\) "
-                                                      r"NaN/inf .*checkpoint-4 is intact"):  # fmt: skip
+                                                      rf"NaN/inf .* and the last checkpoint {tmp_path / 'checkpoint-4'} is intact"):  # fmt: skip
         guard.on_optimizer_end(args, state, None, model=layer)
 
 

@@ -53,7 +53,7 @@ from alignment.ppo.trainer_utils import (
 )
 from alignment.utils.checkpoint import (
     CheckpointError,
-    checkpoint_dirs,
+    get_last_checkpoint,
     nonfinite_names,
     load_json,
     load_tensor_state,
@@ -509,8 +509,8 @@ class RLTrainer(abc.ABC):
         bad = [f"{name}:{param}" for name, trainer in self.model_parts().items()
                for param in nonfinite_names(trainer.model.named_parameters())]  # fmt: skip
         if any_across_ranks(bool(bad)):
-            found = checkpoint_dirs(self.args.output_dir)
-            last = f"the last good checkpoint is {found[-1][1]}" if found else "no checkpoint was written"
+            good = get_last_checkpoint(self.args.output_dir)
+            last = f"the last good checkpoint is {good}" if good else "no checkpoint was written"
             raise NonFiniteError(
                 f"non-finite weights at step {self.state.global_step} ({', '.join(bad[:3]) or 'on another rank'}"
                 f"{', ...' if len(bad) > 3 else ''}): not saving {what}; {last}. Lower the learning rates."

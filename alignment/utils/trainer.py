@@ -31,7 +31,7 @@ from typing import Any
 import paddle
 import paddle.distributed as dist
 
-from alignment.utils.checkpoint import checkpoint_dirs, nonfinite_names, publish_directory, rotate_checkpoints
+from alignment.utils.checkpoint import get_last_checkpoint, nonfinite_names, publish_directory, rotate_checkpoints
 
 __all__ = [
     "ReliableTrainerMixin",
@@ -66,8 +66,9 @@ def _any_rank(flag: bool) -> bool:
 
 
 def _last_checkpoint_note(output_dir: str) -> str:
-    found = checkpoint_dirs(output_dir)
-    return f"the last checkpoint {found[-1][1]} is intact" if found else "no checkpoint was written"
+    """Names the newest checkpoint that verifies (read once, when a run stops)."""
+    last = get_last_checkpoint(output_dir)
+    return f"the last checkpoint {last} is intact" if last else "no checkpoint was written"
 
 
 def _guard_base():
