@@ -161,6 +161,61 @@ def test_plain_causal_lm_is_refused_as_reward_model_or_critic(tmp_path, tiny_ass
     assert score_head_problems(critic_lm) == []
 
 
+def test_malformed_json_argument_file_names_line_and_column(tmp_path):
+    from alignment.data import DataArgument
+    from alignment.sft.run_sft import ModelArgument, SFTTrainingArguments
+    from alignment.utils.config import parse_arguments
+
+    path = tmp_path / "broken.json"
+    path.write_text('{\n  "max_steps": 3,\n  learning_rate: 0.1\n}\n')
+    with pytest.raises(ConfigError) as info:
+        parse_arguments((ModelArgument, DataArgument, SFTTrainingArguments), [str(path)])
+    assert str(info.value) == (
+        f"1 problem(s) in {path}:\n  - malformed JSON at line 3, column 3: Expecting property name enclosed in "
+        "double quotes\n      learning_rate: 0.1"
+    )
+
+
+def test_model_too_small_for_tokenizer_or_lengths_is_refused_from_its_config(tmp_path, tiny_assets, tiny_score_model):
+    from alignment.data import load_tokenizer
+    from alignment.ppo.run_ppo import DataArgument, ModelArgument, TrainingArguments, check_model_compatibility
+    from alignment.ppo.trainer_utils import derive_args
+    from alignment.utils.config import parse_arguments
+
+    path = stage_config("ppo", tmp_path, tiny_assets, tiny_score_model, max_length=500, max_new_tokens=100)
+    model_args, data_args, args = parse_arguments((ModelArgument, DataArgument, TrainingArguments), [path])
+    tokenizer = load_tokenizer(tiny_assets["tokenizer"])
+
+    class Larger:  # a tokenizer with more tokens than the model's 1000-token vocabulary
+        def __len__(self):
+            return 1001
+
+    with pytest.raises(ConfigError) as info:
+        check_model_compatibility(model_args, data_args, args, Larger(), path)
+    assert "actor_model_name_or_path: tokenizer has 1001 tokens but the model's vocab_size is 1000" in str(info.value)
+    assert ("max_new_tokens: max_length (500) + max_new_tokens (100) = 600 exceeds the actor's "
+            "max_position_embeddings 512") in str(info.value)  # fmt: skip
+    check_model_compatibility(model_args, data_args, derive_args(args, max_new_tokens=12), tokenizer, path)
+
+
+def test_critic_with_another_tokenizer_is_refused_before_any_model_loads(tmp_path, tiny_assets, tiny_score_model, no_weights):
+    import shutil
+
+    from alignment.utils.tiny_assets import build_tokenizer, training_corpus
+
+    critic = tmp_path / "critic"
+    shutil.copytree(tiny_score_model, critic)
+    for name in os.listdir(tiny_assets["tokenizer"]):
+        os.remove(critic / name)
+    other = build_tokenizer(str(tmp_path / "other"), training_corpus(), vocab_size=600)
+    for name in os.listdir(other):
+        shutil.copy(os.path.join(other, name), critic)
+    path = stage_config("ppo", tmp_path, tiny_assets, tiny_score_model, reward_critic_model_name_or_path=str(critic))
+    with pytest.raises(ConfigError, match=r"reward_critic_model_name_or_path: the critic's tokenizer \(.*critic\) must "
+                                          r"equal the actor's"):  # fmt: skip
+        stage_main("ppo")([path])
+
+
 # ------------------------------------------------------------------------ data errors
 
 

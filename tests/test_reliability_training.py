@@ -137,6 +137,36 @@ def test_ppo_never_publishes_nonfinite_weights_and_resume_falls_back(tmp_path, t
     assert f"falling back to {output / 'checkpoint-1'}, the newest intact checkpoint" in caplog.text
 
 
+@pytest.mark.parametrize("on_nonfinite", ["stop", "skip"])
+def test_nonfinite_ppo_loss_drops_the_update_or_stops(on_nonfinite, tmp_path, tiny_assets, tiny_score_model):
+    from test_ppo_trainer import make_trainer, ppo_config
+
+    from alignment.ppo.rl_trainer import NonFiniteError
+
+    path = ppo_config(tmp_path, tiny_assets, tiny_score_model, REPO, on_nonfinite=on_nonfinite, max_steps=3,
+                      gradient_accumulation_steps=2)  # fmt: skip  (one update of 2 micro-batches per rollout)
+    trainer = make_trainer(path)
+    rl_step, calls = trainer.rl_step, {"n": 0}
+
+    def rl_step_with_a_nan_critic_loss(*args, **kwargs):  # the 4th micro-batch: the 2nd update's window
+        calls["n"] += 1
+        metrics = rl_step(*args, **kwargs)
+        return {**metrics, "train/reward_critic_loss": float("nan")} if calls["n"] == 4 else metrics
+
+    trainer.rl_step = rl_step_with_a_nan_critic_loss
+    before = {k: v.numpy().copy() for k, v in trainer.actor_trainer.model.state_dict().items()}
+    if on_nonfinite == "stop":
+        with pytest.raises(NonFiniteError, match=r"non-finite update at step 1 .*'loss': nan"):
+            trainer.train()
+        assert trainer.actor_trainer.num_optimizer_steps == 1  # the NaN window was never applied
+        return
+    state = trainer.train()
+    assert state.global_step == 3 and state.skipped_updates == 1
+    assert trainer.actor_trainer.num_optimizer_steps == trainer.critic_trainer.num_optimizer_steps == 2
+    after = trainer.actor_trainer.model.state_dict()
+    assert any(not np.array_equal(before[k], after[k].numpy()) for k in before)
+
+
 # ------------------------------------------------------------------------ resume
 
 

@@ -485,9 +485,14 @@ def build_trainer(model_args: ModelArgument, data_args: DataArgument, args: Trai
         reward_tokenizer = tokenizer
     critic_path = model_args.reward_critic_model_name_or_path
     if critic_path and not is_same_tokenizer(tokenizer, load_tokenizer(critic_path)):
-        raise ValueError(
-            f"reward_critic_model_name_or_path: the critic's tokenizer ({critic_path}) must equal the actor's: "
-            "values are computed on the actor's tokens"
+        from alignment.utils.config import ConfigError
+
+        raise ConfigError(
+            [
+                f"reward_critic_model_name_or_path: the critic's tokenizer ({critic_path}) must equal the actor's: "
+                "values are computed on the actor's tokens"
+            ],
+            source,
         )
 
     datasets = load_datasets(data_args, args, tokenizer)
