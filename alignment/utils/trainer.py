@@ -82,8 +82,8 @@ class NonFiniteGuard(_guard_base()):
     step) or weights (checked after it), on every rank at the same step.
 
     Under fp16 loss scaling the gradients are left to the scaler (an overflow there skips the step by
-    design); the weights are checked in every case. Cost: one pass over the gradients and the weights
-    per optimizer step, small next to a forward/backward pass.
+    design); the trained weights are checked in every case. Cost: one pass over the gradients and the
+    trained weights per optimizer step, small next to a forward/backward pass.
     """
 
     def on_optimizer_begin(self, args, state, control, model=None, scaler=None, **kwargs):  # noqa: D401 - hook
@@ -101,7 +101,8 @@ class NonFiniteGuard(_guard_base()):
     def on_optimizer_end(self, args, state, control, model=None, **kwargs):  # noqa: D401 - hook
         if model is None:
             return
-        bad = nonfinite_names(model.named_parameters())
+        trained = ((name, param) for name, param in model.named_parameters() if not param.stop_gradient)  # LoRA: adapters
+        bad = nonfinite_names(trained)
         if _any_rank(bool(bad)):
             raise NonFiniteParameterError(
                 f"the optimizer step {state.global_step + 1} made {_describe(bad)} NaN/inf (learning rate "
