@@ -28,7 +28,7 @@ class PromptOnlyDataset(TokenizedDataset):
         for position, (dataset_position, raw_index) in enumerate(merged):
             name, raw = self.raw_datasets[dataset_position]
             sample = raw[raw_index]
-            self.check_sample(sample, name, raw_index)
+            self.check_sample(sample, name, raw_index, raw)
             prompt = sample["input"]
             key = tuple(prompt) if isinstance(prompt, list) else prompt
             last_position[key] = position

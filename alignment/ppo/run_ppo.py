@@ -87,6 +87,13 @@ class ModelArgument:
     custom_reward_modules: Optional[str] = field(
         default=None, metadata={"help": "Comma-separated modules or .py files registering reward functions to import."}
     )
+    critic_fresh_score_head: bool = field(
+        default=False,
+        metadata={
+            "help": "Allow reward_critic_model_name_or_path to be a plain causal LM: the critic then starts from a "
+            "freshly initialised score head (on purpose). Without it a critic checkpoint must hold a trained score head."
+        },
+    )
 
 
 @dataclass
@@ -327,6 +334,7 @@ def validate_arguments(model_args: ModelArgument, data_args: DataArgument, args:
         )
         critic_only = {
             "reward_critic_model_name_or_path": model_args.reward_critic_model_name_or_path is not None,
+            "critic_fresh_score_head": model_args.critic_fresh_score_head,
             **{name: getattr(args, name) is not None for name in (
                 "critic_learning_rate", "critic_weight_decay", "critic_lr_scheduler_type", "critic_warmup_ratio",
                 "critic_warmup_steps", "critic_recompute")},
@@ -451,6 +459,78 @@ def validate_arguments(model_args: ModelArgument, data_args: DataArgument, args:
         if args.recompute:
             logger.warning("recompute is not applied inside pipeline stages (alignment.parallel.PipelineStage)")
     problems.raise_if_any()
+
+
+def score_head_problems(model_args: ModelArgument) -> list[str]:
+    """A reward checkpoint must hold a trained score head (a causal LM would give random rewards); so must
+    the critic's, unless ``critic_fresh_score_head`` asks for a fresh one. Reads only file headers."""
+    problems = []
+    critic = model_args.reward_critic_model_name_or_path
+    for name, path in (("reward_model_name_or_path", model_args.reward_model_name_or_path),
+                       ("reward_critic_model_name_or_path", critic)):  # fmt: skip
+        if not path or (name == "reward_critic_model_name_or_path" and model_args.critic_fresh_score_head):
+            continue
+        if _has_score_head(path) is False:
+            fix = (
+                "train one with alignment/rm/run_reward.py"
+                if name == "reward_model_name_or_path"
+                else "train one with alignment/rm/run_reward.py, or set critic_fresh_score_head: true to start the "
+                "critic from a fresh score head on purpose"
+            )
+            problems.append(
+                f"{name}: {path!r} is a plain causal LM without a trained score head (no score_head.* weights); "
+                f"a {'reward model' if name.startswith('reward_model') else 'critic'} needs one: {fix}"
+            )
+    return problems
+
+
+def _has_score_head(path: str) -> Optional[bool]:
+    """True/False when the checkpoint can tell (local safetensors, else its config), None otherwise."""
+    from alignment.utils.checkpoint import saved_weight_names
+
+    directory = os.path.expanduser(path)
+    if os.path.isdir(directory):
+        names = saved_weight_names(directory)
+        if names is not None:
+            return any(".score_head." in f".{name}" for name in names)
+    try:
+        from paddlenlp.transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path)
+    except Exception:  # unreachable hub name: loading reports it
+        return None
+    architectures = getattr(config, "architectures", None) or []
+    return any("Score" in architecture for architecture in architectures) if architectures else None
+
+
+def check_before_loading(model_args: ModelArgument, data_args: DataArgument, args: TrainingArguments) -> None:
+    """Checks that complement :func:`validate_arguments` before any weights load: trained score heads in
+    the reward/critic checkpoints, learning rates, and an ``output_dir`` that holds another run."""
+    from alignment.utils.stage import check_output_dir, check_training_arguments
+
+    problems = Problems()
+    problems.items += score_head_problems(model_args)
+    # (validate_arguments checks the batch sizes)
+    check_training_arguments(problems, args, batch_sizes=False, critic_learning_rate=args.critic_learning_rate)
+    check_output_dir(problems, args)
+    problems.raise_if_any()
+
+
+def check_prompt_count(num_prompts: int, args: TrainingArguments) -> None:
+    """At least one global prompt batch (``per_device_prompt_batch_size`` x data-parallel ranks) of prompts;
+    checked right after the prompts load, before any model."""
+    from alignment.utils.config import ConfigError
+
+    dp_world = max(getattr(args, "dataset_world_size", 1) or 1, 1)
+    needed = args.per_device_prompt_batch_size * dp_world
+    if num_prompts < needed:
+        raise ConfigError(
+            [
+                f"train_datasets: {num_prompts} prompt(s) after filtering, fewer than one global prompt batch of {needed} "
+                f"(per_device_prompt_batch_size {args.per_device_prompt_batch_size} x {dp_world} data-parallel rank(s)); "
+                "give more prompts or a smaller per_device_prompt_batch_size"
+            ]
+        )
 
 
 def check_model_compatibility(model_args: ModelArgument, data_args: DataArgument, args: TrainingArguments, tokenizer: Any, source: str | None = None) -> None:
@@ -632,12 +712,18 @@ def build_trainer(model_args: ModelArgument, data_args: DataArgument, args: Trai
         probe_reward_servers(reward_source)
     critic_path = model_args.reward_critic_model_name_or_path
     if critic_path and not is_same_tokenizer(tokenizer, load_tokenizer(critic_path)):
-        raise ValueError(
-            f"reward_critic_model_name_or_path: the critic's tokenizer ({critic_path}) must equal the actor's: "
-            "values are computed on the actor's tokens"
+        from alignment.utils.config import ConfigError
+
+        raise ConfigError(
+            [
+                f"reward_critic_model_name_or_path: the critic's tokenizer ({critic_path}) must equal the actor's: "
+                "values are computed on the actor's tokens"
+            ],
+            source,
         )
 
     datasets = load_datasets(data_args, args, tokenizer)
+    check_prompt_count(len(datasets["train"]), args)
     models = load_models(model_args, args)
     actor_trainer = StepTrainer(
         models["actor"], args, name="actor", tokenizer=tokenizer,
@@ -688,8 +774,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     source = argv[0] if argv and not argv[0].startswith("--") else None
-    model_args, data_args, args = parse_arguments((ModelArgument, DataArgument, TrainingArguments), argv)
-    validate_arguments(model_args, data_args, args, source)
+    model_args, data_args, args = parse_arguments(
+        (ModelArgument, DataArgument, TrainingArguments),
+        argv,
+        checks=[lambda m, d, a: validate_arguments(m, d, a, source), check_before_loading],
+    )  # every problem of the configuration at once
     exit_clearly_on_sigterm("ppo", args.output_dir)
     setup_cpu_runtime()
     _configure_logging()
@@ -716,7 +805,8 @@ def _configure_logging() -> None:
 
 
 if __name__ == "__main__":
+    from alignment.utils.config import run_entry_point
     from alignment.utils.signals import exit_after_distributed_run
 
-    main()
+    run_entry_point(main)
     exit_after_distributed_run()

@@ -27,7 +27,7 @@ from alignment.data import DataArgument, PreferenceDataset, import_custom_datase
 from alignment.models import AutoModelForScore
 from alignment.models.score_model_utils import NORMALIZER_TYPES
 from alignment.rm.reward_trainer import RewardTrainer, RewardTrainingArguments
-from alignment.utils.config import ConfigError, Problems, parse_arguments
+from alignment.utils.config import ConfigError, Problems, parse_arguments, run_entry_point
 from alignment.utils.env import setup_cpu_runtime
 from alignment.utils.metrics import JsonlLoggingCallback
 from alignment.utils.signals import exit_after_distributed_run, exit_clearly_on_sigterm
@@ -36,9 +36,12 @@ from alignment.utils.stage import (
     check_data_arguments,
     check_model_paths,
     check_tokenizer_fits,
-    prepare_output_dir,
+    check_output_dir,
+    check_training_arguments,
+    resolve_resume,
     run_stage,
     save_pretrained_final,
+    start_metrics_log,
     training_dtype,
 )
 
@@ -98,10 +101,13 @@ def check_arguments(
 ) -> None:
     """Raise one :class:`ConfigError` listing every problem that can be found before loading anything.
 
-    Custom dataset modules must be imported first, so that their names resolve. (Pipeline parallelism,
+    Imports the custom dataset modules first, so that their names resolve. (Pipeline parallelism,
     ``loss_type`` and ``regularization`` are checked when the training arguments are built.)
     """
+    import_custom_dataset_modules(data_args.custom_dataset_modules)
     problems = Problems()
+    check_training_arguments(problems, training_args)
+    check_output_dir(problems, training_args)
     check_model_paths(
         problems,
         model_name_or_path=model_args.model_name_or_path,
@@ -187,9 +193,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
     ``eval_before_training``, the same evaluation of the initial model prefixed ``initial_``.
     """
     setup_cpu_runtime()
-    model_args, data_args, training_args = parse_arguments((ModelArgument, DataArgument, RewardTrainingArguments), argv)
-    import_custom_dataset_modules(data_args.custom_dataset_modules)
-    check_arguments(model_args, data_args, training_args)
+    model_args, data_args, training_args = parse_arguments(
+        (ModelArgument, DataArgument, RewardTrainingArguments), argv, checks=[check_arguments]
+    )
+    resume = resolve_resume(training_args)  # before any weights load
     exit_clearly_on_sigterm("reward model", training_args.output_dir)
     training_args.print_config(model_args, "Model")
     training_args.print_config(data_args, "Data")
@@ -205,7 +212,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
     set_seed(training_args.seed)  # the fresh score head: same initial weights for any number of ranks
     model = load_model(model_args, training_args, tokenizer)
 
-    resume = prepare_output_dir(training_args)
+    start_metrics_log(training_args, resume)
     trainer = RewardTrainer(
         model=model,
         args=training_args,
@@ -219,5 +226,5 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)
     exit_after_distributed_run()

@@ -120,4 +120,6 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from alignment.utils.config import run_entry_point
+
+    run_entry_point(main)
