@@ -511,7 +511,7 @@ def check_before_loading(model_args: ModelArgument, data_args: DataArgument, arg
     problems = Problems()
     problems.items += score_head_problems(model_args)
     # (validate_arguments checks the batch sizes)
-    check_training_arguments(problems, args, batch_sizes=False, critic_learning_rate=args.critic_learning_rate)
+    check_training_arguments(problems, args, batch_sizes=False)  # critic_* rates: validate_arguments
     check_output_dir(problems, args)
     problems.raise_if_any()
 
