@@ -79,8 +79,9 @@ class ChatTemplate(abc.ABC):
         """Text of an odd-length context ending on a user turn, followed by the assistant cue."""
 
     @abc.abstractmethod
-    def conversation(self, turns: Sequence[str]) -> str:
-        """Text of an even-length conversation ending on an assistant turn."""
+    def conversation(self, turns: Sequence[str], final: bool = True) -> str:
+        """Text of an even-length conversation ending on an assistant turn; ``final=False``: as it
+        appears when more turns follow (with its end-of-turn text)."""
 
 
 class BeaverTemplate(ChatTemplate):
@@ -94,9 +95,9 @@ class BeaverTemplate(ChatTemplate):
     def prompt(self, turns: Sequence[str] | str) -> str:
         return format_prompt(_check_turns(turns, odd=True), eos_token=self.eos_token)
 
-    def conversation(self, turns: Sequence[str]) -> str:
+    def conversation(self, turns: Sequence[str], final: bool = True) -> str:
         turns = _check_turns(turns, odd=False)
-        return self.prompt(turns[:-1]) + turns[-1] + self.eos_token
+        return self.prompt(turns[:-1]) + turns[-1] + ("" if final else self.eos_token)
 
 
 def turns_to_messages(turns: Sequence[str], system_prompt: Optional[str] = None) -> list[dict[str, str]]:
@@ -139,7 +140,7 @@ class JinjaTemplate(ChatTemplate):
         messages = turns_to_messages(_check_turns(turns, odd=True), self.system_prompt)
         return self.render(messages, add_generation_prompt=True)
 
-    def conversation(self, turns: Sequence[str]) -> str:
+    def conversation(self, turns: Sequence[str], final: bool = True) -> str:
         messages = turns_to_messages(_check_turns(turns, odd=False), self.system_prompt)
         return self.render(messages, add_generation_prompt=False)
 
@@ -230,8 +231,32 @@ def check_chat_template_argument(problems: Any, chat_template: Optional[str], sy
 # --------------------------------------------------------------------------------------------------
 
 
+def _special_token_ids(tokenizer: Any) -> dict[str, int]:
+    tokens = [getattr(tokenizer, key, None) for key in ("bos_token", "eos_token", "unk_token", "pad_token")]
+    tokens += list(getattr(tokenizer, "additional_special_tokens", None) or [])
+    return {str(token): int(tokenizer.convert_tokens_to_ids(str(token))) for token in tokens if token}
+
+
 def _ids(tokenizer: Any, text: str, add_special_tokens: bool) -> np.ndarray:
-    return np.asarray(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"], dtype=np.int64)
+    """Ids of ``text`` in which special-token strings (``</s>`` written by a template or between turns)
+    are those tokens' ids, as transformers' tokenizers treat them (PaddleNLP's SentencePiece Llama
+    tokenizer would spell ``</s>`` out in characters). The other pieces are tokenized on their own,
+    without stripping the whitespace around special tokens."""
+    specials = _special_token_ids(tokenizer)
+    if not specials or not any(token in text for token in specials):
+        return np.asarray(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"], dtype=np.int64)
+    import re
+
+    pattern = "(" + "|".join(re.escape(token) for token in sorted(specials, key=len, reverse=True)) + ")"
+    ids: list[int] = []
+    if add_special_tokens and getattr(tokenizer, "add_bos_token", True) and tokenizer.bos_token_id is not None:
+        ids.append(int(tokenizer.bos_token_id))
+    for piece in re.split(pattern, text):
+        if piece in specials:
+            ids.append(specials[piece])
+        elif piece:
+            ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
+    return np.asarray(ids, dtype=np.int64)
 
 
 def encode_prompt(template: ChatTemplate, tokenizer: Any, turns: Sequence[str] | str) -> np.ndarray:
@@ -289,7 +314,7 @@ def conversation_labels(template: ChatTemplate, tokenizer: Any, dialogue: Sequen
     spans = []
     for index in range(1, len(turns) - 1, 2):
         start = _common_prefix_length(encode_prompt(template, tokenizer, turns[:index]), ids)
-        turn_ids = _ids(tokenizer, template.conversation(turns[: index + 1]), template.add_special_tokens)
+        turn_ids = _ids(tokenizer, template.conversation(turns[: index + 1], final=False), template.add_special_tokens)
         spans.append((start, _common_prefix_length(turn_ids, ids)))
     spans.append((last_start, len(ids)))
     return ids, spans
