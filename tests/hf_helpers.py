@@ -53,10 +53,8 @@ def build_hf_llama(
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=1000, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-6,
-        **{**SHAPE, **overrides},
-    )  # fmt: skip
+    defaults = dict(vocab_size=1000, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-6)
+    config = LlamaConfig(**{**defaults, **SHAPE, **overrides})
     model = LlamaForCausalLM(config).eval()
     model.save_pretrained(directory, safe_serialization=True)
     save_hf_tokenizer(directory, sentencepiece_dir, chat_template)

@@ -42,6 +42,8 @@ VARIANTS = {
         rope_scaling={"type": "linear", "factor": 2.0},
         rope_parameters={"rope_theta": 500.0, "rope_type": "linear", "factor": 2.0},
     ),
+    # dynamic NTK scaling changes the rope base only past max_position_embeddings: IDS (16) is longer
+    "dynamic_scaling": dict(rope_scaling={"type": "dynamic", "factor": 2.0}, max_position_embeddings=8),
 }
 
 
