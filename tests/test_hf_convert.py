@@ -290,3 +290,33 @@ def test_safetensors_round_trip_keeps_bf16_bits_and_transposes(tmp_path):
     with safe_open(path, framework="np") as file:
         assert sorted(file.keys()) == ["a", "b", "c"] and file.metadata() == {"format": "np"}
         assert np.array_equal(file.get_tensor("b"), values) and np.array_equal(file.get_tensor("c"), np.arange(3))
+
+
+def test_tokenizer_only_hub_directory_loads(hf_models, tmp_path):
+    from transformers import AutoTokenizer
+
+    from alignment.data import load_tokenizer
+
+    directory = str(tmp_path / "tokenizer_only")
+    os.makedirs(directory)
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(os.path.join(hf_models["gqa"][0], name), directory)
+    before = directory_state(directory)
+    ours, theirs = load_tokenizer(directory), AutoTokenizer.from_pretrained(directory, use_fast=False)
+    text = "BEGINNING OF CONVERSATION: USER: Name a fruit. ASSISTANT: An apple."
+    assert ours(text)["input_ids"] == theirs(text)["input_ids"] and len(ours) == 1000
+    assert directory_state(directory) == before
+
+
+def test_detection_trusts_paddlenlp_configs_over_weight_names(tiny_assets, tmp_path):
+    """A PaddleNLP checkpoint whose backbone is called ``model`` (as some PaddleNLP 3 architectures name
+    it) must not be taken for a transformers one: PaddleNLP writes ``paddlenlp_version`` in its config."""
+    directory = str(tmp_path / "ours_named_model")
+    shutil.copytree(tiny_assets["llama"], directory)
+    tensors = [(name.replace("llama.", "model.", 1), dtype, np.array(array)) for name, dtype, array in _iter_tensors(directory)]
+    _write_safetensors(os.path.join(directory, "model.safetensors"), tensors, {"format": "np"})
+    assert not is_hf_checkpoint(directory)
+    config = json.load(open(os.path.join(directory, "config.json")))
+    del config["paddlenlp_version"]
+    json.dump(config, open(os.path.join(directory, "config.json"), "w"))
+    assert is_hf_checkpoint(directory)

@@ -20,16 +20,16 @@ def load_tokenizer(name_or_path: str, padding_side: str = "right", model_max_len
     attention mask in this toolkit is built from lengths or from the first EOS, never from
     ``ids != pad`` (upstream's mistake, which hid the final EOS).
 
-    A Hugging Face checkpoint directory is converted first (``alignment.models.hf_convert``); a
+    A Hugging Face checkpoint or tokenizer directory is converted first (``alignment.models.hf_convert``); a
     ``chat_template.jinja`` next to the tokenizer becomes its ``chat_template`` (saved with it).
     """
     import os
 
     from paddlenlp.transformers import AutoTokenizer
 
-    from alignment.models.hf_convert import resolve_pretrained_dir
+    from alignment.models.hf_convert import resolve_tokenizer_dir
 
-    name_or_path = resolve_pretrained_dir(name_or_path)
+    name_or_path = resolve_tokenizer_dir(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, padding_side=padding_side)
     jinja = os.path.join(os.path.expanduser(name_or_path), "chat_template.jinja")
     if os.path.isfile(jinja) and not tokenizer.init_kwargs.get("chat_template"):

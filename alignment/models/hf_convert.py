@@ -51,6 +51,8 @@ __all__ = [
     "config_to_hf",
     "import_hf_checkpoint",
     "resolve_pretrained_dir",
+    "is_hf_tokenizer_dir",
+    "resolve_tokenizer_dir",
     "resolve_model_arguments",
     "export_hf_checkpoint",
 ]
@@ -221,11 +223,14 @@ def _read_json(path: str) -> dict:
 def is_hf_checkpoint(path: Optional[str]) -> bool:
     """True for a local directory in transformers' layout: weights named ``<hf_backbone>.*``.
 
-    Our own checkpoints use the backbone's name (``llama.*``); a directory with only
-    ``pytorch_model.bin`` is transformers' too (and refused by :func:`import_hf_checkpoint`).
+    Our own checkpoints use the backbone's name (``llama.*``) and PaddleNLP writes ``paddlenlp_version``
+    into their config; a directory with only ``pytorch_model.bin`` is transformers' too (and refused by
+    :func:`import_hf_checkpoint`).
     """
     if not path or not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
         return False
+    if "paddlenlp_version" in _read_json(os.path.join(path, "config.json")):
+        return False  # written by PaddleNLP's save_pretrained, whatever its weights are called
     names = _weight_names(path)
     if not names:
         return os.path.isfile(os.path.join(path, "pytorch_model.bin")) or os.path.isfile(
@@ -586,6 +591,36 @@ def resolve_pretrained_dir(name_or_path: Optional[str], cache_dir: Optional[str]
     return target
 
 
+def is_hf_tokenizer_dir(path: Optional[str]) -> bool:
+    """True for a directory with transformers' ``tokenizer.model`` but not PaddleNLP's
+    ``sentencepiece.bpe.model`` (e.g. a tokenizer-only hub directory)."""
+    return bool(path) and os.path.isfile(os.path.join(path, HF_SENTENCEPIECE)) and not os.path.isfile(
+        os.path.join(path, PADDLE_SENTENCEPIECE)
+    )
+
+
+def resolve_tokenizer_dir(name_or_path: Optional[str], cache_dir: Optional[str] = None) -> Optional[str]:
+    """Like :func:`resolve_pretrained_dir` for a tokenizer: a transformers checkpoint is converted whole;
+    a tokenizer-only transformers directory gets its tokenizer files converted (same cache, same keys)."""
+    resolved = resolve_pretrained_dir(name_or_path, cache_dir)
+    path = os.path.expanduser(resolved) if resolved else resolved
+    if resolved != name_or_path or not is_hf_tokenizer_dir(path):
+        return resolved
+    cache_dir = cache_dir or hf_cache_dir()
+    os.makedirs(cache_dir, exist_ok=True)
+    target = os.path.join(cache_dir, f"{os.path.basename(os.path.normpath(path))}-tokenizer-{checkpoint_content_key(path)}")
+    if os.path.isdir(target):
+        return target
+    with _file_lock(target + ".lock"):
+        if not os.path.isdir(target):
+            scratch = f"{target}.tmp-{os.getpid()}"
+            shutil.rmtree(scratch, ignore_errors=True)
+            os.makedirs(scratch)
+            _import_tokenizer(path, scratch, {})
+            os.rename(scratch, target)
+    return target
+
+
 def resolve_model_arguments(arguments: Any, cache_dir: Optional[str] = None) -> Any:
     """Replace every ``*_name_or_path`` field of a dataclass that names a transformers checkpoint by
     its converted directory (see :func:`resolve_pretrained_dir`); returns ``arguments``."""
@@ -593,8 +628,9 @@ def resolve_model_arguments(arguments: Any, cache_dir: Optional[str] = None) -> 
         if field.name.endswith("_name_or_path"):
             value = getattr(arguments, field.name)
             if isinstance(value, str):
+                resolve = resolve_tokenizer_dir if field.name.startswith("tokenizer") else resolve_pretrained_dir
                 try:
-                    resolved = resolve_pretrained_dir(value, cache_dir)
+                    resolved = resolve(value, cache_dir)
                 except HFCheckpointError as error:
                     from alignment.utils.config import ConfigError
 
@@ -623,6 +659,8 @@ def export_hf_checkpoint(source: str, dest: str) -> str:
         raise HFCheckpointError(f"{source}: no config.json (expected a save_pretrained directory)")
     if is_hf_checkpoint(source):
         raise HFCheckpointError(f"{source}: already a Hugging Face checkpoint")
+    if os.path.realpath(source) == os.path.realpath(dest):
+        raise HFCheckpointError(f"{dest}: the output directory must differ from the input")
     config = _read_json(config_path)
     architecture = _architecture(config.get("model_type"), config_path)
     if not _safetensors_files(source):
