@@ -176,6 +176,16 @@ def test_round_trip_transformers_to_sft_rm_ppo_and_back(tiny_assets, tmp_path, m
              "--num_return_sequences", "1", "--max_new_tokens", "8", "--max_length", "64", "--report_to", "none",
              "--save_strategy", "no", "--disable_tqdm", "true", "--chat_template", "tokenizer",
              "--system_prompt", "Answer briefly."])  # fmt: skip
+    # the evaluation script takes hub directories and the template too
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("evaluate_policy", os.path.join(REPO_ROOT, "scripts", "evaluate_policy.py"))
+    evaluate_policy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate_policy)
+    report = evaluate_policy.main(["--policy", hub, "--reward-model", hub_reward, "--prompts",
+                                   "PKU-SafeRLHF/test:3/-1:data/safe_rlhf/test.jsonl", "--output", str(tmp_path / "eval.json"),
+                                   "--samples", "1", "--temperature", "0", "--max-new-tokens", "4", "--chat-template", "tokenizer"])  # fmt: skip
+    assert report["num_generations"] == 3 and all(row["prompt"].startswith("<|user|>") for row in report["generations"])
     assert directory_state(hub) == before  # no stage wrote into the user's directory
 
     # end of the trip: the PPO policy and critic, exported, load in transformers with our logits
