@@ -120,3 +120,40 @@ def test_bad_arguments_are_one_message_before_any_weights_load(tmp_path, capsys)
     with pytest.raises(SystemExit):
         main(["--model_name_or_path", str(tmp_path), "--file", str(bad)])
     assert f"{bad}:2: expected an object with a string 'prompt' or 'input'" in capsys.readouterr().err
+
+
+def test_sampling_flags_reach_the_rollout_and_seed_reproduces(tiny_assets, tmp_path, monkeypatch):
+    import alignment.ppo.infer_utils as infer_utils
+
+    calls = []
+    real = infer_utils.generate_rollout
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(infer_utils, "generate_rollout", recording)
+    argv = ["--model_name_or_path", tiny_assets["llama"], "--prompt", "Name a fruit.", "--max_new_tokens", "5",
+            "--temperature", "0.7", "--top_p", "0.9", "--top_k", "20", "--repetition_penalty", "1.3", "--backend", "plain",
+            "--seed", "7"]  # fmt: skip
+    first = main(argv, stdout=io.StringIO())
+    assert calls[0] == dict(
+        max_new_tokens=5, do_sample=True, temperature=0.7, top_p=0.9, top_k=20, repetition_penalty=1.3, backend="plain",
+        eos_token_id=2, pad_token_id=2,
+    )  # fmt: skip
+    assert main(argv, stdout=io.StringIO()) == first  # the seed makes sampling reproducible
+
+
+def test_long_conversations_drop_the_oldest_exchanges(tiny_assets):
+    from alignment.chat import _parser, load_session, run_interactive
+    from alignment.data.chat_template import encode_prompt
+
+    args = _parser().parse_args(["--model_name_or_path", tiny_assets["llama"], "--max_new_tokens", "4"])
+    session = load_session(args)
+    first_prompt = len(encode_prompt(session.template, session.tokenizer, ["What is 12 + 7?"]))
+    session.max_positions = first_prompt + 4 + 6  # room for one short turn, not for two
+    rows = run_interactive(session, io.StringIO("What is 12 + 7?\nAnd 3 + 4?\n"), io.StringIO())
+    assert rows[0]["context"] == ["What is 12 + 7?"] and rows[1]["context"] == ["And 3 + 4?"]
+    session.max_positions = None  # no limit: the second turn keeps the first exchange
+    rows = run_interactive(session, io.StringIO("What is 12 + 7?\nAnd 3 + 4?\n"), io.StringIO())
+    assert rows[1]["context"] == ["What is 12 + 7?", rows[0]["response"], "And 3 + 4?"]

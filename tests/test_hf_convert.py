@@ -320,3 +320,36 @@ def test_detection_trusts_paddlenlp_configs_over_weight_names(tiny_assets, tmp_p
     del config["paddlenlp_version"]
     json.dump(config, open(os.path.join(directory, "config.json"), "w"))
     assert is_hf_checkpoint(directory)
+
+
+def test_safe_rlhf_score_checkpoint_imports_with_its_head_and_normalizer(tiny_score_model, tmp_path):
+    """safe-rlhf's score models (e.g. beaver-7b-v1.0-reward): ``model.*`` + ``score_head.*`` + ``normalizer.*``."""
+    import paddle
+
+    from alignment.models import AutoModelForScore
+    from alignment.models.hf_convert import config_to_hf
+
+    source = str(tmp_path / "beaver_like")
+    os.makedirs(source)
+    tensors = []
+    for name, dtype, array in _iter_tensors(tiny_score_model):
+        hf_name, transpose = paddle_to_hf_name(name, array.ndim, LLAMA)
+        if name.startswith(("score_head.", "normalizer.")):
+            hf_name = name  # safe-rlhf keeps these names ([score_dim, hidden] weight)
+        tensors.append((hf_name, dtype, np.array(array.T if transpose else array)))
+    tensors = [(n, d, a + 0.25 if n == "score_head.bias" else a) for n, d, a in tensors]  # a non-zero bias
+    _write_safetensors(os.path.join(source, "model.safetensors"), tensors, {"format": "pt"})
+    config = config_to_hf(json.load(open(os.path.join(tiny_score_model, "config.json"))))
+    config.update(architectures=["LlamaForScore"], score_dim=1, score_type="reward")
+    json.dump(config, open(os.path.join(source, "config.json"), "w"))
+    for name in ("sentencepiece.bpe.model", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(os.path.join(tiny_score_model, name), source)
+
+    ours = AutoModelForScore.from_pretrained(tiny_score_model)
+    imported = AutoModelForScore.from_pretrained(resolve_pretrained_dir(source))
+    assert imported.config.score_bias and imported.config.score_dim == 1
+    with paddle.no_grad():
+        ours.eval(), imported.eval()
+        expected = ours(paddle.to_tensor(IDS), return_dict=True).end_scores.numpy() + 0.25
+        got = imported(paddle.to_tensor(IDS), return_dict=True).end_scores.numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)

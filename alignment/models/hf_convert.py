@@ -80,6 +80,8 @@ class HFArchitecture:
     ``backbone``: our backbone prefix (``llama``); ``hf_backbone``: transformers' (``model``).
     Every 2-D ``.weight`` is a Linear weight and is transposed, except names ending in one of
     ``untransposed`` (embeddings). ``supported_rope_types``: transformers ``rope_type`` -> ours.
+    ``unsupported_flags``: config flags that must be false (features PaddleNLP's model lacks);
+    ``extra_config_keys``: architecture-specific config keys copied as they are.
     """
 
     model_type: str
@@ -92,6 +94,8 @@ class HFArchitecture:
     supported_rope_types: Mapping[str, Optional[str]] = dataclasses.field(
         default_factory=lambda: {"default": None, "linear": "linear", "dynamic": "dynamic_ntk"}
     )
+    unsupported_flags: tuple[str, ...] = ("attention_bias", "mlp_bias")
+    extra_config_keys: tuple[str, ...] = ()
 
 
 HF_ARCHITECTURES: dict[str, HFArchitecture] = {}
@@ -342,7 +346,8 @@ def config_from_hf(hf_config: Mapping[str, Any], where: str = "config.json") -> 
             f"{where}: head_dim {head_dim} x num_attention_heads {config['num_attention_heads']} != hidden_size "
             f"{config['hidden_size']}; PaddleNLP's {architecture.causal_lm} derives head_dim from hidden_size"
         )
-    for flag in ("attention_bias", "mlp_bias"):
+    config.update({key: hf_config[key] for key in architecture.extra_config_keys if key in hf_config})
+    for flag in architecture.unsupported_flags:
         if hf_config.get(flag):
             raise HFCheckpointError(f"{where}: {flag}=true is not supported by PaddleNLP's {architecture.causal_lm}")
     if hf_config.get("hidden_act", "silu") != "silu":
@@ -370,8 +375,9 @@ def config_to_hf(config: Mapping[str, Any], has_bias: bool = False) -> dict[str,
     """Our ``config.json`` -> transformers'. A score model becomes ``*ForSequenceClassification`` with
     ``num_labels = score_dim`` and its score options kept (``score_type``, normalizer ``mean``/``var``)."""
     architecture = _architecture(config.get("model_type"), "config.json")
-    hf: dict[str, Any] = {key: config[key] for key in _COPIED_CONFIG_KEYS if key in config}
-    hf.update(model_type=architecture.model_type, hidden_act="silu", attention_bias=False, mlp_bias=False)
+    hf: dict[str, Any] = {key: config[key] for key in _COPIED_CONFIG_KEYS + architecture.extra_config_keys if key in config}
+    hf.update(model_type=architecture.model_type, hidden_act="silu")
+    hf.update({flag: False for flag in architecture.unsupported_flags})
     hf["rope_theta"] = float(config.get("rope_theta", 10000.0))
     scaling_type = config.get("rope_scaling_type")
     if scaling_type:
@@ -428,7 +434,7 @@ def _import_tokenizer(source: str, dest: str, hf_config: Mapping[str, Any]) -> N
     special_map_path = os.path.join(source, "special_tokens_map.json")
     special_map = _read_json(special_map_path) if os.path.isfile(special_map_path) else {}
     for name in os.listdir(source):  # tokenizer.json etc. travel along (PaddleNLP 3 reads tokenizer.json)
-        if name.startswith(("tokenizer", "special_tokens", "added_tokens", "vocab", "merges")) or name.endswith(".jinja"):
+        if name.startswith(("tokenizer", "special_tokens", "added_tokens", "vocab", "merges", "sentencepiece")) or name.endswith(".jinja"):
             shutil.copy(os.path.join(source, name), os.path.join(dest, name))
     if not os.path.isfile(os.path.join(source, HF_SENTENCEPIECE)):
         if os.path.isfile(os.path.join(source, "tokenizer.json")):
