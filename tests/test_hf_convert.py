@@ -353,3 +353,25 @@ def test_safe_rlhf_score_checkpoint_imports_with_its_head_and_normalizer(tiny_sc
         expected = ours(paddle.to_tensor(IDS), return_dict=True).end_scores.numpy() + 0.25
         got = imported(paddle.to_tensor(IDS), return_dict=True).end_scores.numpy()
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+
+
+def test_bfloat16_checkpoints_keep_their_bits_in_and_out(tiny_assets, tmp_path):
+    """Most hub checkpoints are BF16; PaddleNLP 2.8 reads bfloat16 only under its own "U16" tag."""
+    import torch
+    from paddlenlp.transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM as HFCausalLM
+
+    from alignment.models.hf_convert import export_hf_checkpoint
+
+    source = str(tmp_path / "bf16")
+    model = build_hf_llama(source, tiny_assets["tokenizer"], seed=9).to(torch.bfloat16)
+    model.save_pretrained(source, safe_serialization=True)
+    converted = resolve_pretrained_dir(source)
+    assert {dtype for _, dtype, _ in _iter_tensors(converted)} == {"U16"}
+    ours = AutoModelForCausalLM.from_pretrained(converted, dtype="float32")  # the stages' training dtype
+    np.testing.assert_allclose(paddle_logits(ours, IDS), torch_logits(model.float(), IDS), atol=2e-5, rtol=0)
+    exported = export_hf_checkpoint(converted, str(tmp_path / "back"))
+    assert {dtype for _, dtype, _ in _iter_tensors(exported)} == {"BF16"}
+    back = HFCausalLM.from_pretrained(exported, torch_dtype=torch.bfloat16)
+    for name, weight in model.to(torch.bfloat16).state_dict().items():
+        assert torch.equal(back.state_dict()[name], weight), name

@@ -19,7 +19,8 @@ functions (:func:`hf_to_paddle_name`, :func:`paddle_to_hf_name`), as are the con
 (:func:`config_from_hf`, :func:`config_to_hf`).
 
 Safetensors are read and written here directly (header + raw little-endian data), so ``BF16`` weights
-keep their bytes and a 7B checkpoint streams one tensor at a time through ``numpy.memmap``.
+keep their bytes (tagged ``U16``, as PaddleNLP stores bfloat16) and a 7B checkpoint streams one tensor
+at a time through ``numpy.memmap``.
 """
 
 from __future__ import annotations
@@ -132,8 +133,11 @@ def _architecture(model_type: Any, where: str) -> HFArchitecture:
 
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,  # BF16 kept as raw bits
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    "U16": np.uint16, "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "BOOL": np.bool_,
 }  # fmt: skip
+#: PaddleNLP 2.8 stores bfloat16 weights as "U16" (it cannot read "BF16"); same bits, other tag.
+_TO_PADDLE_DTYPE, _TO_HF_DTYPE = {"BF16": "U16"}, {"U16": "BF16"}
 
 
 def _read_header(path: str) -> tuple[dict, int]:
@@ -530,6 +534,7 @@ def import_hf_checkpoint(source: str, dest: str) -> str:
         new_name, transpose = hf_to_paddle_name(name, array.ndim, architecture)
         if is_score and new_name == "lm_head.weight":
             continue
+        dtype = _TO_PADDLE_DTYPE.get(dtype, dtype)
         tensors.append((new_name, dtype, array.T if transpose else array))
         if new_name == f"{architecture.backbone}.embed_tokens.weight":
             embeddings = (dtype, array)
@@ -683,7 +688,7 @@ def export_hf_checkpoint(source: str, dest: str) -> str:
             bias = np.asarray(array, dtype=np.float32)
             continue
         hf_name, transpose = paddle_to_hf_name(name, array.ndim, architecture)
-        tensors.append((hf_name, dtype, array.T if transpose else array))
+        tensors.append((hf_name, _TO_HF_DTYPE.get(dtype, dtype), array.T if transpose else array))
         by_name[hf_name] = array
     hf_config = config_to_hf(config)
     embed_name = f"{architecture.hf_backbone}.embed_tokens.weight"
