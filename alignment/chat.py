@@ -126,8 +126,8 @@ def _fit_context(session: ChatSession, turns: list[str]) -> list[str]:
     """Drop the oldest exchanges until prompt + max_new_tokens fits the model's positions."""
     from alignment.data.chat_template import encode_prompt
 
-    limit = session.max_positions
-    while limit and len(turns) > 1 and len(encode_prompt(session.template, session.tokenizer, turns)) + session.generation["max_new_tokens"] > limit:
+    limit, budget = session.max_positions, session.generation["max_new_tokens"]
+    while limit and len(turns) > 1 and len(encode_prompt(session.template, session.tokenizer, turns)) + budget > limit:
         turns = turns[2:]
     return turns
 

@@ -112,7 +112,9 @@ class JinjaTemplate(ChatTemplate):
     name = "jinja"
     add_special_tokens = False
 
-    def __init__(self, source: str, special_tokens: dict[str, Optional[str]], system_prompt: Optional[str] = None, origin: str = "") -> None:
+    def __init__(
+        self, source: str, special_tokens: dict[str, Optional[str]], system_prompt: Optional[str] = None, origin: str = ""
+    ) -> None:
         from jinja2 import TemplateError
         from jinja2.exceptions import TemplateSyntaxError
 
@@ -299,7 +301,9 @@ def encode_conversation(
     return ids, start
 
 
-def conversation_labels(template: ChatTemplate, tokenizer: Any, dialogue: Sequence[str]) -> tuple[np.ndarray, list[tuple[int, int]]]:
+def conversation_labels(
+    template: ChatTemplate, tokenizer: Any, dialogue: Sequence[str]
+) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """``(ids, spans)`` of a multi-turn ``dialogue`` (user first); ``spans`` are the ``[start, end)`` token
     ranges of the assistant turns (each through its EOS when the template ends turns with EOS).
 

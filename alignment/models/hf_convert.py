@@ -198,7 +198,7 @@ def _write_safetensors(path: str, tensors: list[tuple[str, str, np.ndarray]], me
     header: dict[str, Any] = {"__metadata__": dict(metadata)}
     offset = 0
     for name, dtype, array in tensors:
-        nbytes = int(np.prod(array.shape)) * np.dtype(_DTYPES[dtype]).itemsize if array.shape else np.dtype(_DTYPES[dtype]).itemsize
+        nbytes = int(np.prod(array.shape, dtype=np.int64)) * np.dtype(_DTYPES[dtype]).itemsize
         header[name] = {"dtype": dtype, "shape": list(array.shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -366,7 +366,8 @@ def config_from_hf(hf_config: Mapping[str, Any], where: str = "config.json") -> 
     hf_architectures = hf_config.get("architectures") or [architecture.causal_lm]
     if any(name.endswith(("ForSequenceClassification", "ForScore")) for name in hf_architectures):
         config["architectures"] = [architecture.score_model]
-        config["score_dim"] = int(hf_config.get("score_dim", hf_config.get("num_labels", len(hf_config.get("id2label") or {}) or 1)))
+        labels = hf_config.get("num_labels", len(hf_config.get("id2label") or {}) or 1)
+        config["score_dim"] = int(hf_config.get("score_dim", labels))
         for key in ("score_type", "do_normalize", "normalizer_type", "normalizer_momentum", "mean", "var"):
             if key in hf_config:
                 config[key] = hf_config[key]
@@ -438,7 +439,8 @@ def _import_tokenizer(source: str, dest: str, hf_config: Mapping[str, Any]) -> N
     special_map_path = os.path.join(source, "special_tokens_map.json")
     special_map = _read_json(special_map_path) if os.path.isfile(special_map_path) else {}
     for name in os.listdir(source):  # tokenizer.json etc. travel along (PaddleNLP 3 reads tokenizer.json)
-        if name.startswith(("tokenizer", "special_tokens", "added_tokens", "vocab", "merges", "sentencepiece")) or name.endswith(".jinja"):
+        tokenizer_file = name.startswith(("tokenizer", "special_tokens", "added_tokens", "vocab", "merges", "sentencepiece"))
+        if tokenizer_file or name.endswith(".jinja"):
             shutil.copy(os.path.join(source, name), os.path.join(dest, name))
     if not os.path.isfile(os.path.join(source, HF_SENTENCEPIECE)):
         if os.path.isfile(os.path.join(source, "tokenizer.json")):
