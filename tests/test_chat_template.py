@@ -8,6 +8,8 @@ import os
 import numpy as np
 import pytest
 from hf_helpers import CHATML_TEMPLATE, ZEPHYR_TEMPLATE, save_hf_tokenizer
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from alignment.data import (
     IGNORE_INDEX,
@@ -220,3 +222,26 @@ def test_arguments_are_checked_before_anything_loads(tmp_path):
     with pytest.raises(ConfigError, match="chat_template: 'nope.jinja' is neither"):
         main(["--model_name_or_path", str(tmp_path), "--train_datasets", "chat-template-test", "--do_train", "true",
               "--output_dir", str(tmp_path / "out"), "--chat_template", "nope.jinja"])  # fmt: skip
+
+
+TURN = st.text(alphabet="abcXYZ 019+?!.:\n", min_size=1, max_size=12).filter(lambda t: t.strip())
+
+
+def test_answer_start_is_the_prompt_for_any_text(tokenizer, template_files):
+    """Property: for any turns and answer, the conversation's ids start with the generation prompt's
+    (up to a token merged across the boundary) and carry exactly one EOS, at the end of the answer."""
+    templates = [load_chat_template(name, tokenizer) for name in ("beaver", template_files["zephyr"], template_files["chatml"])]
+
+    @settings(max_examples=40, deadline=None)
+    @given(st.lists(TURN, min_size=1, max_size=3).filter(lambda t: len(t) % 2 == 1), TURN, st.integers(0, 2))
+    def check(context, answer, which):
+        template = templates[which]
+        prompt = encode_prompt(template, tokenizer, context)
+        ids, start = encode_conversation(template, tokenizer, context, answer)
+        assert ids[:start].tolist() == prompt[:start].tolist()
+        assert len(prompt) - 1 <= start <= len(prompt)
+        if which:  # jinja templates: the answer follows a newline or a marker, nothing merges
+            assert start == len(prompt)
+        assert ids[-1] == tokenizer.eos_token_id and (ids[start:-1] != tokenizer.eos_token_id).all()
+
+    check()
