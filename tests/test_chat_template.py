@@ -245,3 +245,29 @@ def test_answer_start_is_the_prompt_for_any_text(tokenizer, template_files):
         assert ids[-1] == tokenizer.eos_token_id and (ids[start:-1] != tokenizer.eos_token_id).all()
 
     check()
+
+
+def test_every_stage_hands_its_template_to_its_datasets(tokenizer, template_files):
+    """SFT, RM and PPO (rollout prompts, evaluation prompts, ptx data) all build with chat_template/system_prompt."""
+    from types import SimpleNamespace
+
+    from alignment.ppo.run_ppo import DataArgument as PPODataArgument
+    from alignment.ppo.run_ppo import load_datasets
+    from alignment.rm.run_reward import build_datasets as build_rm_datasets
+    from alignment.sft.run_sft import build_datasets as build_sft_datasets
+
+    zephyr = template_files["zephyr"]
+    expected = encode_prompt(load_chat_template(zephyr, tokenizer, "S"), tokenizer, SAMPLES[0]["input"]).tolist()
+    common = dict(train_datasets="chat-template-test", max_length=256, chat_template=zephyr, system_prompt="S")
+    ppo = load_datasets(
+        PPODataArgument(eval_datasets="chat-template-test", ptx_datasets="chat-template-test", **common),
+        SimpleNamespace(seed=1, max_new_tokens=8),
+        tokenizer,
+    )
+    assert ppo["train"][0]["input_ids"].tolist() == expected and ppo["eval"][0]["input_ids"].tolist() == expected
+    assert ppo["ptx"][0]["input_ids"][: len(expected)].tolist() == expected
+    sft_train, _ = build_sft_datasets(PPODataArgument(**common), tokenizer, seed=1, need_train=True, need_eval=False)
+    rm_train, _ = build_rm_datasets(PPODataArgument(**common), tokenizer, seed=1, need_train=True, need_eval=False)
+    assert sft_train[0]["input_ids"][: len(expected)].tolist() == expected
+    assert rm_train[0]["better_input_ids"][: len(expected)].tolist() == expected
+    assert expected != encode_prompt(load_chat_template("beaver", tokenizer), tokenizer, SAMPLES[0]["input"]).tolist()
