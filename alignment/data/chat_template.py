@@ -177,6 +177,8 @@ def tokenizer_chat_template(tokenizer: Any) -> Optional[str]:
     """The jinja template a tokenizer carries (``tokenizer_config.json``'s ``chat_template``; for a list
     of named templates, the ``default`` one), or None."""
     source = (getattr(tokenizer, "init_kwargs", None) or {}).get("chat_template")
+    if source is None and isinstance(getattr(tokenizer, "chat_template", None), str):
+        source = tokenizer.chat_template
     if isinstance(source, list):
         named = {entry.get("name"): entry.get("template") for entry in source if isinstance(entry, dict)}
         source = named.get("default")

@@ -55,6 +55,7 @@ __all__ = [
     "is_hf_tokenizer_dir",
     "resolve_tokenizer_dir",
     "resolve_model_arguments",
+    "read_chat_template",
     "export_hf_checkpoint",
 ]
 
@@ -429,6 +430,17 @@ def _chat_template_of(directory: str, tokenizer_config: Mapping[str, Any]) -> Op
         with open(jinja, encoding="utf-8") as file:
             return file.read()
     return tokenizer_config.get("chat_template")
+
+
+def read_chat_template(directory: Optional[str]) -> Optional[Any]:
+    """The jinja chat template stored in a (tokenizer) directory, or None: ``chat_template.jinja``, else
+    ``tokenizer_config.json``'s ``chat_template`` (a string, or transformers' list of named templates)."""
+    if not directory or not os.path.isdir(os.path.expanduser(directory)):
+        return None
+    directory = os.path.expanduser(directory)
+    config_path = os.path.join(directory, "tokenizer_config.json")
+    config = _read_json(config_path) if os.path.isfile(config_path) else {}
+    return _chat_template_of(directory, config)
 
 
 def _import_tokenizer(source: str, dest: str, hf_config: Mapping[str, Any]) -> None:
