@@ -43,11 +43,18 @@ def save_hf_tokenizer(directory: str, sentencepiece_dir: str, chat_template: str
 
 
 def build_hf_llama(
-    directory: str, sentencepiece_dir: str, seed: int = 0, chat_template: str | None = None, rope_parameters=None, **overrides
+    directory: str,
+    sentencepiece_dir: str,
+    seed: int = 0,
+    chat_template: str | None = None,
+    rope_parameters=None,
+    max_shard_size: str = "5GB",
+    **overrides,
 ):
     """A random transformers ``LlamaForCausalLM`` (GQA) saved in the hub layout; returns the torch model.
 
-    ``rope_parameters`` rewrites config.json in transformers-5 form (no top-level rope_theta/rope_scaling).
+    ``rope_parameters`` rewrites config.json in transformers-5 form (no top-level rope_theta/rope_scaling);
+    a small ``max_shard_size`` writes sharded safetensors with an index.
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -56,7 +63,7 @@ def build_hf_llama(
     defaults = dict(vocab_size=1000, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-6)
     config = LlamaConfig(**{**defaults, **SHAPE, **overrides})
     model = LlamaForCausalLM(config).eval()
-    model.save_pretrained(directory, safe_serialization=True)
+    model.save_pretrained(directory, safe_serialization=True, max_shard_size=max_shard_size)
     save_hf_tokenizer(directory, sentencepiece_dir, chat_template)
     if rope_parameters is not None:
         path = os.path.join(directory, "config.json")

@@ -34,6 +34,7 @@ IDS = np.array([[1, 5, 17, 99, 3, 400, 7, 8, 9, 10, 11, 12, 250, 999, 2, 31]], d
 
 VARIANTS = {
     "gqa": {},
+    "sharded": dict(max_shard_size="300KB"),  # model-0000N-of-0000M.safetensors + index
     "tied": dict(tie_word_embeddings=True),
     "rope_theta": dict(rope_theta=500.0),
     "rope_parameters": dict(rope_theta=500.0, rope_parameters={"rope_theta": 500.0, "rope_type": "default"}),
@@ -74,6 +75,8 @@ def test_logits_equal_transformers_and_the_source_is_untouched(variant, hf_model
     from paddlenlp.transformers import AutoModelForCausalLM
 
     directory, torch_model = hf_models[variant]
+    if variant == "sharded":
+        assert os.path.isfile(os.path.join(directory, "model.safetensors.index.json"))
     before = directory_state(directory)
     assert is_hf_checkpoint(directory)
     converted = resolve_pretrained_dir(directory)
