@@ -318,6 +318,9 @@ def validate_arguments(model_args: ModelArgument, data_args: DataArgument, args:
     """Check the whole configuration before any model loads; report every problem at once."""
     problems = Problems(source)
     problems.check(data_args.train_datasets is not None, "train_datasets", "is required")
+    from alignment.data.chat_template import check_chat_template_argument
+
+    check_chat_template_argument(problems, data_args.chat_template, data_args.system_prompt)
     problems.check(model_args.actor_model_name_or_path is not None, "actor_model_name_or_path", "is required")
     has_text_reward = bool(model_args.reward_functions or model_args.reward_server)
     if uses_critic(args):
@@ -488,10 +491,14 @@ def _has_score_head(path: str) -> Optional[bool]:
     """True/False when the checkpoint can tell (local safetensors, else its config), None otherwise."""
     from alignment.utils.checkpoint import saved_weight_names
 
+    from alignment.models.hf_convert import is_hf_checkpoint
+
     directory = os.path.expanduser(path)
     if os.path.isdir(directory):
         names = saved_weight_names(directory)
         if names is not None:
+            if is_hf_checkpoint(directory):  # transformers' <Arch>ForSequenceClassification: ``score.weight``
+                return any(name.split(".")[0] == "score" for name in names)
             return any(".score_head." in f".{name}" for name in names)
     try:
         from paddlenlp.transformers import AutoConfig
@@ -671,26 +678,29 @@ def load_datasets(data_args: DataArgument, args: TrainingArguments, tokenizer: A
     from alignment.data import PromptOnlyDataset, SupervisedDataset, import_custom_dataset_modules
 
     import_custom_dataset_modules(data_args.custom_dataset_modules)
-    train = PromptOnlyDataset(data_args.train_datasets, tokenizer, max_length=data_args.max_length, seed=args.seed)
+    template = {"chat_template": data_args.chat_template, "system_prompt": data_args.system_prompt}
+    train = PromptOnlyDataset(data_args.train_datasets, tokenizer, max_length=data_args.max_length, seed=args.seed, **template)
     evaluation = None
     if data_args.eval_datasets:
-        evaluation = PromptOnlyDataset(data_args.eval_datasets, tokenizer, max_length=data_args.max_length, seed=args.seed)
+        evaluation = PromptOnlyDataset(data_args.eval_datasets, tokenizer, max_length=data_args.max_length, seed=args.seed, **template)
     elif data_args.eval_split_ratio:
         train, evaluation = train.split_train_test(split_ratio=data_args.eval_split_ratio, seed=args.seed)
     ptx = None
     if data_args.ptx_datasets:
         ptx_length = data_args.max_length + (args.max_new_tokens or data_args.max_length)
-        ptx = SupervisedDataset(data_args.ptx_datasets, tokenizer, max_length=ptx_length, seed=args.seed)
+        ptx = SupervisedDataset(data_args.ptx_datasets, tokenizer, max_length=ptx_length, seed=args.seed, **template)
     return {"train": train, "eval": evaluation, "ptx": ptx}
 
 
 def build_trainer(model_args: ModelArgument, data_args: DataArgument, args: TrainingArguments, source: str | None = None):
     """Everything ``main`` does before ``train()``: tokenizers, models, datasets, the trainer."""
     from alignment.data import is_same_tokenizer, load_tokenizer
+    from alignment.models.hf_convert import resolve_model_arguments
     from alignment.ppo.ppo_trainer import PPOTrainer
     from alignment.ppo.rl_trainer import RolloutSettings
     from alignment.ppo.trainer_utils import StepTrainer
 
+    resolve_model_arguments(model_args)  # Hugging Face checkpoints -> converted copies (never written in place)
     max_new_tokens = args.max_new_tokens or data_args.max_length
     tokenizer = load_tokenizer(model_args.actor_model_name_or_path, padding_side="left", model_max_length=data_args.max_length + max_new_tokens)
     check_model_compatibility(model_args, data_args, args, tokenizer, source)

@@ -16,6 +16,7 @@ Metrics go to ``output_dir/metrics.jsonl`` (and VisualDL with ``report_to: visua
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
@@ -27,6 +28,8 @@ from alignment.data import DataArgument, PreferenceDataset, import_custom_datase
 from alignment.models import AutoModelForScore
 from alignment.models.score_model_utils import NORMALIZER_TYPES
 from alignment.rm.reward_trainer import RewardTrainer, RewardTrainingArguments
+from alignment.data.chat_template import check_chat_template_argument
+from alignment.models.hf_convert import resolve_model_arguments
 from alignment.utils.config import ConfigError, Problems, parse_arguments, run_entry_point
 from alignment.utils.env import setup_cpu_runtime
 from alignment.utils.metrics import JsonlLoggingCallback
@@ -114,6 +117,7 @@ def check_arguments(
         tokenizer_name_or_path=model_args.tokenizer_name_or_path,
     )
     problems.check(bool(model_args.model_name_or_path), "model_name_or_path", "required")
+    check_chat_template_argument(problems, data_args.chat_template, data_args.system_prompt)
     check_data_arguments(problems, data_args, training_args, example="PKU-SafeRLHF/train:1:data/safe_rlhf/train.jsonl")
     if training_args.metric_for_best_model is not None and training_args.load_best_model_at_end:
         known = ("accuracy", "rewards_mean", "rewards_std", "loss")
@@ -150,7 +154,8 @@ def build_datasets(
     Pairs whose two sides are identical after tokenization (e.g. both cut to a ``max_length`` no longer
     than the prompt) are skipped and counted in the log; if every pair is skipped that is a DatasetError.
     """
-    return build_train_eval_datasets(PreferenceDataset, data_args, tokenizer, seed, need_train, need_eval)
+    dataset_class = functools.partial(PreferenceDataset, chat_template=data_args.chat_template, system_prompt=data_args.system_prompt)
+    return build_train_eval_datasets(dataset_class, data_args, tokenizer, seed, need_train, need_eval)
 
 
 def load_model(model_args: ModelArgument, training_args: RewardTrainingArguments, tokenizer: Any) -> Any:
@@ -197,6 +202,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
         (ModelArgument, DataArgument, RewardTrainingArguments), argv, checks=[check_arguments]
     )
     resume = resolve_resume(training_args)  # before any weights load
+    resolve_model_arguments(model_args)  # Hugging Face checkpoints -> converted copies (never written in place)
     exit_clearly_on_sigterm("reward model", training_args.output_dir)
     training_args.print_config(model_args, "Model")
     training_args.print_config(data_args, "Data")

@@ -12,6 +12,7 @@ actor. Metrics go to ``output_dir/metrics.jsonl`` (and VisualDL with ``report_to
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ from alignment.data import (
 )
 from alignment.sft.merge_lora import LORA_ADAPTER_DIR, merge_lora_model
 from alignment.sft.sft_trainer import SFTTrainer
+from alignment.data.chat_template import check_chat_template_argument
+from alignment.models.hf_convert import resolve_model_arguments
 from alignment.utils.config import ConfigError, Problems, parse_arguments, run_entry_point
 from alignment.utils.env import setup_cpu_runtime
 from alignment.utils.metrics import JsonlLoggingCallback
@@ -121,6 +124,7 @@ def check_arguments(model_args: ModelArgument, data_args: DataArgument, training
         tokenizer_name_or_path=model_args.tokenizer_name_or_path,
     )
     problems.check(bool(model_args.model_name_or_path), "model_name_or_path", "required")
+    check_chat_template_argument(problems, data_args.chat_template, data_args.system_prompt)
     check_data_arguments(problems, data_args, training_args, example="alpaca:1:data/alpaca/train.jsonl")
     problems.check(
         training_args.pipeline_parallel_degree <= 1,
@@ -161,7 +165,8 @@ def build_datasets(
     data_args: DataArgument, tokenizer: Any, seed: int, need_train: bool, need_eval: bool
 ) -> tuple[Optional[SupervisedDataset], Optional[SupervisedDataset]]:
     """``(train, eval)`` supervised datasets; eval from ``eval_datasets`` or split off the train mix."""
-    return build_train_eval_datasets(SupervisedDataset, data_args, tokenizer, seed, need_train, need_eval)
+    dataset_class = functools.partial(SupervisedDataset, chat_template=data_args.chat_template, system_prompt=data_args.system_prompt)
+    return build_train_eval_datasets(dataset_class, data_args, tokenizer, seed, need_train, need_eval)
 
 
 def load_model(model_args: ModelArgument, training_args: SFTTrainingArguments, tokenizer: Any) -> Any:
@@ -217,6 +222,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
         (ModelArgument, DataArgument, SFTTrainingArguments), argv, checks=[check_arguments]
     )
     resume = resolve_resume(training_args)  # before any weights load
+    resolve_model_arguments(model_args)  # Hugging Face checkpoints -> converted copies (never written in place)
     exit_clearly_on_sigterm("sft", training_args.output_dir)
     training_args.print_config(model_args, "Model")
     training_args.print_config(data_args, "Data")
