@@ -2,12 +2,14 @@
 # The whole pipeline on a CPU in minutes: tiny tokenizer + model -> SFT -> reward model -> PPO ->
 # evaluation, each stage through its public entry point and JSON file (config/tiny/*.json).
 #
-#   bash scripts/quickstart.sh [--output-dir DIR] [--algorithm ppo] [--sft-from DIR]
-#                              [--sft-args "..."] [--rm-args "..."] [--ppo-args "..."] [--eval-samples N]
+#   bash scripts/quickstart.sh [--output-dir DIR] [--algorithm ppo|dpo] [--sft-from DIR]
+#                              [--sft-args "..."] [--rm-args "..."] [--ppo-args "..."] [--dpo-args "..."]
+#                              [--eval-samples N]
 #
 # --*-args are extra "--field value" overrides appended to that stage's JSON arguments.
 # --algorithm chooses the alignment stage after SFT; --sft-from DIR reuses an SFT checkpoint (skips the
-# asset and SFT stages, e.g. to compare algorithms from one SFT model).
+# asset and SFT stages, e.g. to compare algorithms from one SFT model). dpo trains the policy directly on
+# the preference pairs (config/tiny/dpo_argument.json); its reward model only scores the evaluations.
 # Ends with DIR/report.json, PNG curves in DIR/plots/ and a table of generations before/after PPO.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +20,7 @@ SFT_FROM=""
 SFT_ARGS=""
 RM_ARGS=""
 PPO_ARGS=""
+DPO_ARGS=""
 EVAL_SAMPLES=4
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -27,15 +30,17 @@ while [ $# -gt 0 ]; do
     --sft-args) SFT_ARGS="$2"; shift 2 ;;
     --rm-args) RM_ARGS="$2"; shift 2 ;;
     --ppo-args) PPO_ARGS="$2"; shift 2 ;;
+    --dpo-args) DPO_ARGS="$2"; shift 2 ;;
     --eval-samples) EVAL_SAMPLES="$2"; shift 2 ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 
 case "$ALGORITHM" in
   ppo) ;;
-  *) echo "unknown --algorithm: $ALGORITHM (choose from: ppo)" >&2; exit 2 ;;
+  dpo) ;;
+  *) echo "unknown --algorithm: $ALGORITHM (choose from: ppo, dpo)" >&2; exit 2 ;;
 esac
 
 PYTHON="${PYTHON:-python}"
@@ -84,8 +89,24 @@ run_ppo() {
     --prompts "$TEST_PROMPTS" --samples "$EVAL_SAMPLES" --output "$OUT/eval_ppo.json"
 }
 
+run_dpo() {
+  # The reward model is not used by DPO: it scores the SFT and DPO generations for the report.
+  # shellcheck disable=SC2086
+  stage reward_model "$PYTHON" alignment/rm/run_reward.py config/tiny/rm_argument.json \
+    --model_name_or_path "$SFT" --output_dir "$OUT/rm" $RM_ARGS
+  stage eval_sft "$PYTHON" scripts/evaluate_policy.py --policy "$SFT" --reward-model "$OUT/rm" \
+    --prompts "$TEST_PROMPTS" --samples "$EVAL_SAMPLES" --output "$OUT/eval_sft.json"
+  # shellcheck disable=SC2086
+  stage dpo "$PYTHON" alignment/dpo/run_dpo.py config/tiny/dpo_argument.json \
+    --model_name_or_path "$SFT" --output_dir "$OUT/dpo" $DPO_ARGS
+  # eval_ppo.json: the aligned policy's evaluation, whatever the algorithm (report key ppo_task_score)
+  stage eval_dpo "$PYTHON" scripts/evaluate_policy.py --policy "$OUT/dpo" --reward-model "$OUT/rm" \
+    --prompts "$TEST_PROMPTS" --samples "$EVAL_SAMPLES" --output "$OUT/eval_ppo.json"
+}
+
 case "$ALGORITHM" in
   ppo) run_ppo ;;
+  dpo) run_dpo ;;
 esac
 
 echo

@@ -2,8 +2,9 @@
 
     python scripts/quickstart_report.py --output-dir quickstart_output
 
-Reads ``sft/``, ``rm/`` and ``ppo/`` metrics (``metrics.jsonl``), ``eval_sft.json`` and
-``eval_ppo.json`` (scripts/evaluate_policy.py) and ``stage_seconds.json`` (scripts/quickstart.sh).
+Reads ``sft/``, ``rm/`` and ``ppo/`` (or ``dpo/``) metrics (``metrics.jsonl``), ``eval_sft.json`` and
+``eval_ppo.json`` (scripts/evaluate_policy.py; the aligned policy's, whatever the algorithm) and
+``stage_seconds.json`` (scripts/quickstart.sh).
 """
 
 from __future__ import annotations
@@ -22,6 +23,12 @@ PLOTS = {
     ),
     "reward_model_training.png": ("rm", ["loss", "accuracy", "eval_accuracy", "eval_loss", "eval_rewards_mean"], "Reward model"),
     "sft_training.png": ("sft", ["loss", "eval_loss", "eval_ppl"], "SFT"),
+    "dpo_training.png": (
+        "dpo",
+        ["loss", "eval_loss", "rewards/accuracies", "eval_rewards/accuracies", "rewards/margins",
+         "eval_rewards/margins", "logps/chosen", "logps/rejected"],
+        "DPO",
+    ),
 }  # fmt: skip
 
 
@@ -73,8 +80,9 @@ def build_report(output_dir: str) -> dict:
             target = os.path.join(output_dir, "plots", filename)
             if plot_metrics(path, keys, target, title=title):
                 plots[stage] = target
+    algorithm = run.get("algorithm", "ppo")
     report = {
-        "algorithm": run.get("algorithm", "ppo"),
+        "algorithm": algorithm,
         "rm_eval_accuracy": last_value(rm_records, "eval_accuracy"),
         "sft_reward_mean": before["reward_mean"],
         "ppo_reward_mean": after["reward_mean"],
@@ -93,6 +101,13 @@ def build_report(output_dir: str) -> dict:
         "visualdl_logdirs": [os.path.join(output_dir, stage) for stage in ("sft", "rm", "ppo")],
         "samples": sample_table(before, after),
     }
+    if algorithm == "dpo":
+        dpo_records = read_metrics(os.path.join(output_dir, "dpo"))
+        report["dpo_eval_accuracy"] = last_value(dpo_records, "eval_rewards/accuracies")
+        report["dpo_eval_margin"] = last_value(dpo_records, "eval_rewards/margins")
+        report["checkpoints"]["policy"] = os.path.join(output_dir, "dpo")
+        del report["checkpoints"]["value"]
+        report["visualdl_logdirs"] = [os.path.join(output_dir, stage) for stage in ("sft", "rm", "dpo")]
     return report
 
 
@@ -104,6 +119,8 @@ def print_report(report: dict) -> None:
 
     print(f"========== quick start report ({report['algorithm']}) ==========")
     print(f"reward model held-out accuracy : {fmt(report['rm_eval_accuracy'])}")
+    if "dpo_eval_accuracy" in report:
+        print(f"DPO held-out implicit-reward accuracy : {fmt(report['dpo_eval_accuracy'])}")
     print(f"mean reward      SFT -> PPO    : {fmt(report['sft_reward_mean'])} -> {fmt(report['ppo_reward_mean'])}")
     print(f"task score       SFT -> PPO    : {fmt(report['sft_task_score'])} -> {fmt(report['ppo_task_score'])}")
     print(f"({report['num_eval_generations']} sampled generations on {report['num_eval_prompts']} held-out prompts)")

@@ -1,0 +1,345 @@
+"""DPO stage: data and response masks, log-probs (= safe-rlhf's DPO), DPOTrainer metrics, run_dpo.main
+end to end (every loss, reference-free, precomputed reference, LoRA), bad input, 2 processes, resume,
+and the quick start's ``--algorithm dpo``.
+
+Runs of ``main`` use the session's tiny assets (random Llama) and small slices of data/safe_rlhf
+("k/-1" = exactly k pairs) so that each takes a few seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import paddle
+import pytest
+
+from alignment.data import DataArgument, format_prompt
+from alignment.dpo.data import DPODataset
+from alignment.dpo.dpo_trainer import METRIC_NAMES, MetricAccumulator, metric_sums, pair_log_probs
+from alignment.dpo.run_dpo import DPOTrainingArguments, ModelArgument, build_datasets, main
+from alignment.models.dpo_model_utils import get_preference_loss
+from alignment.utils.config import ConfigError, parse_arguments
+from alignment.utils.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parent.parent
+RUN_DPO = REPO / "alignment" / "dpo" / "run_dpo.py"
+TRAIN = f"PKU-SafeRLHF/train:{{n}}/-1:{REPO / 'data/safe_rlhf/train.jsonl'}"
+TEST = f"PKU-SafeRLHF/test:{{n}}/-1:{REPO / 'data/safe_rlhf/test.jsonl'}"
+
+
+def write_args(path: Path, **fields) -> str:
+    path.write_text(json.dumps(fields, indent=1))
+    return str(path)
+
+
+def base_args(model, output_dir, n_train=32, n_eval=16, **overrides) -> dict:
+    """A short run on tiny assets; overrides win."""
+    args = dict(
+        model_name_or_path=model,
+        train_datasets=TRAIN.format(n=n_train),
+        eval_datasets=TEST.format(n=n_eval),
+        max_length=64,
+        output_dir=str(output_dir),
+        overwrite_output_dir=True,
+        do_train=True,
+        do_eval=True,
+        evaluation_strategy="epoch",
+        max_steps=4,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        learning_rate=1e-3,
+        logging_steps=2,
+        save_strategy="no",
+        report_to=["none"],
+        seed=7,
+        disable_tqdm=True,
+    )
+    args.update(overrides)
+    return args
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def perturbed_copy(model_dir: str, scale: float = 0.05, seed: int = 3):
+    """The tiny Llama with noise added to every weight: a reference model that differs from the policy."""
+    from paddlenlp.transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    rng = np.random.default_rng(seed)
+    with paddle.no_grad():
+        for parameter in model.parameters():
+            noise = rng.normal(0, scale, parameter.shape).astype("float32")
+            parameter.set_value(parameter + paddle.to_tensor(noise))
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="module")
+def pairs(tokenizer):
+    """The first 6 training pairs of the example data as a DPODataset."""
+    return DPODataset(TRAIN.format(n=6), tokenizer, max_length=64, seed=0)
+
+
+# ============================================================================ data
+
+
+def test_response_masks_start_after_the_prompt_and_end_at_eos(pairs, tokenizer):
+    batch = pairs.get_collator()([pairs[i] for i in range(len(pairs))])
+    for index in range(len(pairs)):
+        raw = pairs.raw_sample(index)
+        prompt = tokenizer(format_prompt(raw["input"], eos_token=tokenizer.eos_token))["input_ids"]
+        for side in ("better", "worse"):
+            ids = pairs[index][f"{side}_input_ids"]
+            mask = batch[f"{side}_response_mask"].numpy()[index]
+            assert list(ids[: len(prompt)]) == prompt and ids[-1] == tokenizer.eos_token_id
+            # response = everything after the prompt up to and including the EOS; nothing in the padding
+            assert mask.nonzero()[0].tolist() == list(range(len(prompt), len(ids)))
+    assert batch["better_response_mask"].dtype == paddle.bool
+
+
+def test_pairs_without_a_response_within_max_length_are_skipped(tokenizer):
+    from alignment.data import DatasetError
+
+    prompt_length = len(tokenizer(format_prompt("Tell me something about rice.", eos_token=tokenizer.eos_token))["input_ids"])
+    with pytest.raises(DatasetError, match="skipped"):
+        DPODataset(TRAIN.format(n=4), tokenizer, max_length=5, seed=0)[0]
+    assert prompt_length > 5
+
+
+# ============================================================================ log-probs and the loss
+
+
+def test_log_probs_and_sigmoid_loss_equal_safe_rlhf_dpo(pairs, tiny_assets):
+    """With label_smoothing 0, the batched pipeline (one padded forward of 2B rows, response-token sums,
+    the registered ``sigmoid`` loss, mean over pairs) equals safe-rlhf's DPO loss re-derived here: per
+    pair, unpadded forwards, log-probs summed from the first token where better and worse differ to the
+    last token (EOS), L = mean_i -log sigma(beta [(pi_b - ref_b) - (pi_w - ref_w)]). The prompt tokens
+    before the divergence have the same log-probs in both answers and cancel."""
+    from paddlenlp.transformers import AutoModelForCausalLM
+
+    beta = 0.7
+    policy = AutoModelForCausalLM.from_pretrained(tiny_assets["llama"])
+    policy.eval()
+    reference = perturbed_copy(tiny_assets["llama"])
+    batch = pairs.get_collator()([pairs[i] for i in range(len(pairs))])
+    with paddle.no_grad():
+        pol, ref = pair_log_probs(policy, batch), pair_log_probs(reference, batch)
+        losses, chosen_rewards, rejected_rewards = get_preference_loss("sigmoid")(
+            policy_chosen_logps=pol.chosen, policy_rejected_logps=pol.rejected,
+            reference_chosen_logps=ref.chosen, reference_rejected_logps=ref.rejected,
+            chosen_lengths=pol.chosen_lengths, rejected_lengths=pol.rejected_lengths,
+            beta=beta, label_smoothing=0.0, simpo_gamma=0.0,
+        )  # fmt: skip
+
+    def token_log_probs(model, ids):  # [len - 1]: log p(ids[t + 1] | ids[:t + 1])
+        with paddle.no_grad():
+            logits = model(input_ids=paddle.to_tensor(ids[None]), return_dict=True).logits.numpy()[0]
+        return log_softmax(logits.astype(np.float64))[np.arange(len(ids) - 1), ids[1:]]
+
+    expected = []
+    for index in range(len(pairs)):
+        better, worse = pairs[index]["better_input_ids"], pairs[index]["worse_input_ids"]
+        diverge = int(np.nonzero(better[: min(len(better), len(worse))] != worse[: min(len(better), len(worse))])[0][0])
+        log_ratio = {}
+        for name, ids in (("better", better), ("worse", worse)):
+            # tokens diverge .. len-1, i.e. shifted columns diverge-1 .. len-2
+            span = slice(diverge - 1, len(ids) - 1)
+            log_ratio[name] = token_log_probs(policy, ids)[span].sum() - token_log_probs(reference, ids)[span].sum()
+        margin = beta * (log_ratio["better"] - log_ratio["worse"])
+        expected.append(math.log1p(math.exp(-margin)))
+        # our implicit-reward margin is the same quantity
+        assert float(chosen_rewards[index] - rejected_rewards[index]) == pytest.approx(margin, rel=1e-3, abs=1e-4)
+    assert float(losses.mean()) == pytest.approx(float(np.mean(expected)), rel=1e-4)
+    # and response lengths count answer + EOS tokens
+    prompt = len(pairs[0]["better_input_ids"]) - int(pol.chosen_lengths[0])
+    assert prompt > 0 and int(pol.rejected_lengths[0]) == len(pairs[0]["worse_input_ids"]) - prompt
+
+
+def test_metric_sums_and_accumulator_means():
+    chosen, rejected = paddle.to_tensor([1.0, -1.0, 0.5]), paddle.to_tensor([0.0, 0.0, 0.5])
+    logps_c, logps_r = paddle.to_tensor([-3.0, -4.0, -5.0]), paddle.to_tensor([-6.0, -6.0, -6.0])
+    sums = metric_sums(chosen, rejected, logps_c, logps_r).numpy()
+    # chosen 0.5, rejected 0.5, accuracies 1 (ties are wrong), margins 0, logps -12, -18
+    np.testing.assert_allclose(sums, [0.5, 0.5, 1.0, 0.0, -12.0, -18.0])
+    accumulator = MetricAccumulator()
+    accumulator.add(metric_sums(chosen, rejected, logps_c, logps_r), 3)
+    accumulator.add(metric_sums(chosen[:1], rejected[:1], logps_c[:1], logps_r[:1]), 1)
+    means = accumulator.take()
+    assert list(means) == list(METRIC_NAMES)
+    assert means["rewards/accuracies"] == pytest.approx(2 / 4) and means["logps/chosen"] == pytest.approx(-15 / 4)
+    assert accumulator.take() is None  # started over
+
+
+# ============================================================================ run_dpo.main
+
+
+@pytest.mark.parametrize(
+    "loss_type, expected_initial_loss",
+    [("sigmoid", math.log(2)), ("hinge", 1.0), ("ipo", (1 / (2 * 0.1)) ** 2)],
+)
+def test_initial_evaluation_has_the_loss_of_a_policy_equal_to_its_reference(tmp_path, tiny_assets, loss_type, expected_initial_loss):
+    """Policy == reference: h = 0 for every pair, so the loss is -log sigma(0), relu(1) or (1/(2 beta))^2,
+    every implicit reward 0, and no pair ranked correctly (ties are wrong)."""
+    args = base_args(tiny_assets["llama"], tmp_path / "out", do_train=False, loss_type=loss_type, beta=0.1)
+    metrics = main([write_args(tmp_path / "a.json", **args)])
+    assert metrics["eval_loss"] == pytest.approx(expected_initial_loss, rel=1e-5)
+    assert metrics["eval_rewards/chosen"] == metrics["eval_rewards/margins"] == metrics["eval_rewards/accuracies"] == 0.0
+    assert metrics["eval_logps/chosen"] < 0 and metrics["eval_logps/rejected"] < 0
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid-reference-free", "simpo", "orpo"])
+def test_reference_free_losses_evaluate_from_the_policy_alone(tmp_path, tiny_assets, tokenizer, loss_type):
+    """No reference model: the reported loss is the formula on the policy's own log-probs, recomputed here."""
+    beta, gamma = 0.3, 0.2
+    extra = {"loss_type": "sigmoid", "reference_free": True} if loss_type == "sigmoid-reference-free" else {"loss_type": loss_type}
+    args = base_args(tiny_assets["llama"], tmp_path / "out", do_train=False, beta=beta, simpo_gamma=gamma, **extra)
+    metrics = main([write_args(tmp_path / "a.json", **args)])
+
+    from paddlenlp.transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_assets["llama"])
+    model.eval()
+    data = DPODataset(TEST.format(n=16), tokenizer, max_length=64, seed=7)
+    with paddle.no_grad():
+        logps = pair_log_probs(model, data.get_collator()([data[i] for i in range(len(data))]))
+    pc, pr = logps.chosen.numpy().astype(np.float64), logps.rejected.numpy().astype(np.float64)
+    a, b = pc / logps.chosen_lengths.numpy(), pr / logps.rejected_lengths.numpy()
+    softplus = lambda x: np.log1p(np.exp(x))  # noqa: E731  -log sigma(x) = softplus(-x)
+    if loss_type == "sigmoid-reference-free":
+        expected, chosen = softplus(-beta * (pc - pr)), beta * pc
+    elif loss_type == "simpo":
+        expected, chosen = softplus(-(beta * (a - b) - gamma)), beta * a
+    else:
+        log_odds = (a - np.log1p(-np.exp(a))) - (b - np.log1p(-np.exp(b)))
+        expected, chosen = -a + beta * softplus(-log_odds), beta * a
+    assert metrics["eval_loss"] == pytest.approx(expected.mean(), rel=1e-4)
+    assert metrics["eval_rewards/chosen"] == pytest.approx(chosen.mean(), rel=1e-4)
+    assert metrics["eval_logps/chosen"] == pytest.approx(pc.mean(), rel=1e-5)
+
+
+def test_main_trains_logs_every_metric_and_writes_a_loadable_policy(tmp_path, tiny_assets, tokenizer):
+    """A few steps: every interval log carries the metrics; the saved policy reproduces the reported
+    held-out metrics against the untouched reference; eval_before_training is the policy == reference
+    baseline."""
+    from paddlenlp.transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    args = base_args(tiny_assets["llama"], out, eval_before_training=True, beta=0.5, report_to=["visualdl"])
+    metrics = main([write_args(tmp_path / "a.json", **args)])
+
+    records = read_metrics(str(out))
+    train_logs = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_logs] == [2, 4]
+    for record in train_logs:
+        assert set(METRIC_NAMES) <= set(record)
+        assert (record["rewards/accuracies"] * 8) % 1 == pytest.approx(0, abs=1e-6)  # a share of 2 x 4 pairs
+        assert record["rewards/margins"] == pytest.approx(record["rewards/chosen"] - record["rewards/rejected"], abs=1e-5)
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [0, 4]
+    assert evals[0]["eval_loss"] == pytest.approx(math.log(2), rel=1e-6)
+    assert {f"train_{name}" for name in METRIC_NAMES} <= set(metrics)
+    assert metrics["eval_loss"] < metrics["initial_eval_loss"]  # learning, on held-out pairs
+    assert list(out.glob("runs/*/vdlrecords.*.log"))
+
+    # The saved policy against the untouched reference gives the reported evaluation.
+    policy = AutoModelForCausalLM.from_pretrained(str(out))
+    reference = AutoModelForCausalLM.from_pretrained(tiny_assets["llama"])
+    data = DPODataset(TEST.format(n=16), tokenizer, max_length=64, seed=7)
+    batch = data.get_collator()([data[i] for i in range(len(data))])
+    for model in (policy, reference):
+        model.eval()
+    with paddle.no_grad():
+        pol, ref = pair_log_probs(policy, batch), pair_log_probs(reference, batch)
+    chosen, rejected = 0.5 * (pol.chosen - ref.chosen).numpy(), 0.5 * (pol.rejected - ref.rejected).numpy()
+    assert metrics["eval_rewards/accuracies"] == pytest.approx(float(np.mean(chosen > rejected)))
+    assert metrics["eval_rewards/margins"] == pytest.approx(float(np.mean(chosen - rejected)), rel=1e-4, abs=1e-6)
+    assert metrics["eval_loss"] == pytest.approx(float(np.mean(np.log1p(np.exp(-(chosen - rejected))))), rel=1e-4)
+
+
+def test_precomputed_reference_log_probs_train_exactly_as_on_the_fly(tmp_path, tiny_assets):
+    def run(name, **extra):
+        out = tmp_path / name
+        main([write_args(tmp_path / f"{name}.json", **base_args(tiny_assets["llama"], out, logging_steps=1, **extra))])
+        return [(r["step"], r.get("loss"), r.get("rewards/margins"), r.get("eval_loss")) for r in read_metrics(str(out))]
+
+    on_the_fly = run("fly")
+    precomputed = run("pre", precompute_reference_log_probs=True)
+    assert len(on_the_fly) == len(precomputed) == 6  # 4 steps, the evaluation, the summary
+    for a, b in zip(on_the_fly, precomputed):
+        assert a[0] == b[0]
+        for x, y in zip(a[1:], b[1:]):
+            assert (x is None) == (y is None) and (x is None or x == pytest.approx(y, rel=1e-5, abs=1e-7)), (a, b)
+
+
+def test_lora_trains_adapters_and_saves_a_merged_policy(tmp_path, tiny_assets):
+    from paddlenlp.transformers import AutoModelForCausalLM
+
+    out = tmp_path / "lora"
+    args = base_args(tiny_assets["llama"], out, lora=True, lora_rank=4, lora_dropout=0.0, learning_rate=1e-2,
+                     do_eval=False, evaluation_strategy="no", logging_steps=1)  # fmt: skip
+    main([write_args(tmp_path / "a.json", **args)])
+    assert (out / "lora_adapter").is_dir()
+    merged = AutoModelForCausalLM.from_pretrained(str(out)).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(tiny_assets["llama"]).state_dict()
+    assert set(merged) == set(base)
+    changed = [k for k in base if not np.allclose(merged[k].numpy(), base[k].numpy())]
+    assert changed and all("proj" in k for k in changed)  # only the adapted projections moved
+    losses = [r["loss"] for r in read_metrics(str(out)) if "loss" in r]
+    assert losses[0] == pytest.approx(math.log(2), rel=1e-5) and losses[-1] < losses[0]
+
+
+# ============================================================================ bad input
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"loss_type": "dpo"}, "loss_type: unknown preference loss 'dpo'; registered: ["),
+        ({"loss_type": "hinge", "label_smoothing": 0.1}, "label_smoothing: the hinge loss has no label smoothing"),
+        ({"label_smoothing": 0.5}, "label_smoothing: must be in [0, 0.5)"),
+        ({"beta": 0.0}, "beta: must be > 0"),
+        ({"loss_type": "simpo", "reference_free": True}, "reference_free: the simpo loss never uses a reference model"),
+        ({"loss_type": "orpo", "precompute_reference_log_probs": True}, "precompute_reference_log_probs: unused"),
+        ({"reference_model_name_or_path": "/no/such/ref"}, "reference_model_name_or_path: no such directory"),
+        ({"model_name_or_path": "/no/such/model"}, "model_name_or_path: no such directory"),
+        ({"train_datasets": "no-such-dataset"}, "Unknown dataset name 'no-such-dataset'"),
+        ({"lora": True, "lora_rank": 0}, "lora_rank: must be >= 1"),
+        ({"max_step": 3}, "did you mean 'max_steps'"),
+        ({"metric_for_best_model": "accuracy", "load_best_model_at_end": True, "save_strategy": "epoch"},
+         "metric_for_best_model: 'accuracy' is not an evaluation metric"),
+    ],
+)
+def test_bad_arguments_are_reported_before_loading_anything(tmp_path, tiny_assets, overrides, message):
+    args = base_args(tiny_assets["llama"], tmp_path / "out", **overrides)
+    with pytest.raises(ConfigError) as info:
+        main([write_args(tmp_path / "a.json", **args)])
+    assert message in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["tiny", "llama"])
+def test_shipped_argument_files_parse(name):
+    path = REPO / "config" / name / "dpo_argument.json"
+    model_args, data_args, training_args = parse_arguments(
+        (ModelArgument, DataArgument, DPOTrainingArguments), [str(path), "--output_dir", "unused"]
+    )
+    assert training_args.loss_type == "sigmoid" and training_args.uses_reference_model
+    assert data_args.train_datasets and data_args.eval_datasets and training_args.do_train
+
+
+def test_build_datasets_splits_eval_off_the_train_mix(tokenizer):
+    data_args = DataArgument(train_datasets=TRAIN.format(n=20), eval_split_ratio=0.25, max_length=64)
+    train, held_out = build_datasets(data_args, tokenizer, seed=1, need_train=True, need_eval=True)
+    assert (len(train), len(held_out)) == (15, 5)
+    assert "better_prompt_length" in held_out[0]
