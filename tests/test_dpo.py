@@ -343,3 +343,78 @@ def test_build_datasets_splits_eval_off_the_train_mix(tokenizer):
     train, held_out = build_datasets(data_args, tokenizer, seed=1, need_train=True, need_eval=True)
     assert (len(train), len(held_out)) == (15, 5)
     assert "better_prompt_length" in held_out[0]
+
+
+# ============================================================================ 2 processes, resume
+
+
+@pytest.mark.distributed
+def test_two_process_data_parallel_matches_one_process(tmp_path, tiny_assets):
+    """2 ranks x 4 pairs vs 1 process x 8 pairs: same global batches (seeded sampler), per-pair mean loss,
+    gradients averaged over ranks. The 2-rank run also precomputes the reference log-probs split over the
+    ranks (gathered back), the 1-process run computes them per batch. 15 evaluation pairs: the 2-rank
+    sampler repeats one to fill 16 slots; the gathered values are cut back to 15."""
+    from alignment.parallel.launch import launch_distributed
+
+    common = dict(n_train=64, n_eval=15, max_steps=6, logging_steps=1, eval_before_training=True, beta=0.5)
+    one = base_args(tiny_assets["llama"], tmp_path / "one", per_device_train_batch_size=8, **common)
+    two = base_args(tiny_assets["llama"], tmp_path / "two", per_device_train_batch_size=4,
+                    precompute_reference_log_probs=True, **common)  # fmt: skip
+    launch_distributed(RUN_DPO, [write_args(tmp_path / "two.json", **two)], nproc=2, log_dir=tmp_path / "logs",
+                       timeout=300, cwd=REPO, env={"OMP_NUM_THREADS": "1"})  # fmt: skip
+    main([write_args(tmp_path / "one.json", **one)])
+
+    def curves(out):
+        records = read_metrics(str(out))
+        evals = [r for r in records if "eval_loss" in r]
+        assert [r["step"] for r in evals] == [0, 6]  # logged once, by rank 0
+        return [r for r in records if "loss" in r], evals
+
+    logs_1, evals_1 = curves(tmp_path / "one")
+    logs_2, evals_2 = curves(tmp_path / "two")
+    assert len(logs_1) == len(logs_2) == 6 and logs_1[-1]["loss"] < logs_1[0]["loss"]
+    for a, b in zip(logs_1, logs_2):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
+        assert b["rewards/accuracies"] == a["rewards/accuracies"]
+        for name in ("rewards/margins", "logps/chosen", "logps/rejected"):
+            assert b[name] == pytest.approx(a[name], rel=1e-4, abs=1e-5), name
+    for key in ["eval_loss"] + [f"eval_{name}" for name in METRIC_NAMES]:
+        assert evals_2[-1][key] == pytest.approx(evals_1[-1][key], rel=1e-4, abs=1e-5), key
+    assert evals_2[0]["eval_loss"] == pytest.approx(math.log(2), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_resumes_after_sigkill_with_the_same_metrics(tmp_path, tiny_assets):
+    """SIGKILL after the first checkpoint, resume with --resume_from_checkpoint auto: the metrics file holds
+    every step once, with the losses and metrics of an uninterrupted run."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    common = dict(max_steps=12, logging_steps=1, save_strategy="steps", save_steps=4, evaluation_strategy="no",
+                  do_eval=False, overwrite_output_dir=False, n_train=64)  # fmt: skip
+    reference = write_args(tmp_path / "ref.json", **base_args(tiny_assets["llama"], tmp_path / "ref", **common))
+    subprocess.run([sys.executable, str(RUN_DPO), reference], check=True, cwd=REPO, env=env, capture_output=True, timeout=300)
+
+    output = tmp_path / "killed"
+    killed = write_args(tmp_path / "killed.json", **base_args(tiny_assets["llama"], output, **common))
+    process = subprocess.Popen([sys.executable, str(RUN_DPO), killed], cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 240
+    while not (output / "checkpoint-4" / "manifest.json").exists():
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    refused = subprocess.run([sys.executable, str(RUN_DPO), killed], cwd=REPO, env=env, capture_output=True, text=True)
+    assert refused.returncode != 0 and "--resume_from_checkpoint auto" in refused.stderr  # resuming is opt-in
+    resumed = subprocess.run([sys.executable, str(RUN_DPO), killed, "--resume_from_checkpoint", "auto"], cwd=REPO,
+                             env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    def logs(directory):
+        return [r for r in read_metrics(str(directory)) if "loss" in r]
+
+    expected, got = logs(tmp_path / "ref"), logs(output)
+    assert [r["step"] for r in got] == [r["step"] for r in expected] == list(range(1, 13))  # no duplicates
+    for a, b in zip(expected, got):
+        for key in ("loss",) + METRIC_NAMES:
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key)
