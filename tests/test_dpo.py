@@ -418,3 +418,41 @@ def test_resumes_after_sigkill_with_the_same_metrics(tmp_path, tiny_assets):
     for a, b in zip(expected, got):
         for key in ("loss",) + METRIC_NAMES:
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key)
+
+
+# ============================================================================ quick start, benchmark
+
+
+@pytest.mark.slow
+def test_quickstart_dpo_improves_the_sft_policy(quickstart_run, run_quickstart, tmp_path):
+    """``quickstart.sh --algorithm dpo --sft-from <README run's SFT>``: held-out implicit-reward accuracy and
+    the ground-truth task score of sampled generations (docs/dpo.md records the numbers)."""
+    output, _ = quickstart_run
+    report = run_quickstart(tmp_path / "dpo", "--algorithm", "dpo", "--sft-from", str(output / "sft"))
+    assert report["algorithm"] == "dpo"
+    assert report["dpo_eval_accuracy"] > 0.75, report["dpo_eval_accuracy"]
+    assert report["ppo_task_score"] > report["sft_task_score"] + 0.05, (report["sft_task_score"], report["ppo_task_score"])
+    assert set(report["stage_seconds"]) == {"reward_model", "eval_sft", "dpo", "eval_dpo"}  # no second SFT
+    assert report["checkpoints"]["policy"] == str(tmp_path / "dpo" / "dpo") and "value" not in report["checkpoints"]
+    assert set(report["plots"]) == {"rm", "dpo"}
+
+    from paddlenlp.transformers import AutoModelForCausalLM
+    from visualdl import LogReader
+
+    AutoModelForCausalLM.from_pretrained(report["checkpoints"]["policy"])
+    logs = list((tmp_path / "dpo" / "dpo").glob("runs/*/vdlrecords.*.log"))
+    assert logs, "no VisualDL log for DPO"
+    tags = LogReader(file_path=str(logs[0])).get_tags()["scalar"]
+    assert {"train/rewards/accuracies", "eval/rewards/accuracies", "train/logps/chosen"} <= set(tags), tags
+
+
+def test_benchmark_dpo_reports_a_step(repo_root):
+    shape = ["--vocab-size", "300", "--hidden-size", "32", "--intermediate-size", "64", "--num-layers", "2",
+             "--num-heads", "4", "--batch-size", "2", "--prompt-len", "6", "--new-tokens", "5", "--json"]  # fmt: skip
+    result = subprocess.run([sys.executable, "scripts/benchmark_dpo.py", *shape, "--steps", "1", "--precompute"],
+                            cwd=repo_root, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["median_step_s"] == pytest.approx(report["forward_backward_s"] + report["optimizer_s"])
+    assert report["peak_rss_mb"] > 0 and report["config"]["precompute"] is True
