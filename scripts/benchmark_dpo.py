@@ -5,7 +5,8 @@ Random-weight policy and reference (``LlamaForCausalLM``, same weights) of the g
 response tokens (the two answers share the prompt and differ in every response token), the
 ``sigmoid`` loss with beta 0.1. It runs ``DPOTrainer.training_step`` (what ``Trainer.train`` calls
 per micro-batch) and then the optimizer step. The first step warms up; the medians of the next
-``--steps`` are reported. Example (docs/benchmarks.md, the PPO benchmark's reference shape):
+``--steps`` are reported (wall clock, and process CPU time ``step_cpu_s``, which a loaded machine
+distorts less). Example (docs/benchmarks.md, the PPO benchmark's reference shape):
 
     python scripts/benchmark_dpo.py --vocab-size 8000 --hidden-size 256 --intermediate-size 688 \\
         --num-layers 4 --num-heads 4 --batch-size 8 --prompt-len 32 --new-tokens 64 --steps 5 --json
@@ -87,18 +88,19 @@ def main(argv=None) -> dict:
                 with paddle.no_grad():
                     logps = pair_log_probs(reference, batch)
                 batch["reference_chosen_logps"], batch["reference_rejected_logps"] = logps.chosen, logps.rejected
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             trainer.training_step(model, batch)
             backward_done = time.perf_counter()
             trainer.optimizer.step()
             trainer.optimizer.clear_grad()
-            records.append((backward_done - start, time.perf_counter() - backward_done))
+            records.append((backward_done - start, time.perf_counter() - backward_done, time.process_time() - cpu_start))
     measured = records[1:]  # the first step warms up caches and kernels
-    steps = [a + b for a, b in measured]
+    steps = [a + b for a, b, _ in measured]
     result = {
         "median_step_s": statistics.median(steps),
-        "forward_backward_s": statistics.median(a for a, _ in measured),
-        "optimizer_s": statistics.median(b for _, b in measured),
+        "forward_backward_s": statistics.median(a for a, _, _ in measured),
+        "optimizer_s": statistics.median(b for _, b, _ in measured),
+        "step_cpu_s": statistics.median(c for _, _, c in measured),  # process CPU time: less sensitive to load
         "pairs_per_s": args.batch_size / statistics.median(steps),
         "tokens_per_s": 2 * args.batch_size * (args.prompt_len + args.new_tokens) / statistics.median(steps),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
