@@ -349,17 +349,25 @@ def test_build_datasets_splits_eval_off_the_train_mix(tokenizer):
 
 
 @pytest.mark.distributed
-def test_two_process_data_parallel_matches_one_process(tmp_path, tiny_assets):
+@pytest.mark.parametrize(
+    "layout",
+    [
+        {"precompute_reference_log_probs": True},
+        {"sharding": "stage1", "sharding_parallel_degree": 2},
+    ],
+    ids=["data-parallel-precomputed-reference", "sharding-stage1"],
+)
+def test_two_process_data_parallel_matches_one_process(tmp_path, tiny_assets, layout):
     """2 ranks x 4 pairs vs 1 process x 8 pairs: same global batches (seeded sampler), per-pair mean loss,
-    gradients averaged over ranks. The 2-rank run also precomputes the reference log-probs split over the
-    ranks (gathered back), the 1-process run computes them per batch. 15 evaluation pairs: the 2-rank
+    gradients averaged over ranks. In the data-parallel case the 2-rank run also precomputes the reference
+    log-probs split over the ranks (gathered back) while the 1-process run computes them per batch; with
+    sharding stage 1 each rank also holds half of the optimizer state. 15 evaluation pairs: the 2-rank
     sampler repeats one to fill 16 slots; the gathered values are cut back to 15."""
     from alignment.parallel.launch import launch_distributed
 
     common = dict(n_train=64, n_eval=15, max_steps=6, logging_steps=1, eval_before_training=True, beta=0.5)
     one = base_args(tiny_assets["llama"], tmp_path / "one", per_device_train_batch_size=8, **common)
-    two = base_args(tiny_assets["llama"], tmp_path / "two", per_device_train_batch_size=4,
-                    precompute_reference_log_probs=True, **common)  # fmt: skip
+    two = base_args(tiny_assets["llama"], tmp_path / "two", per_device_train_batch_size=4, **layout, **common)
     launch_distributed(RUN_DPO, [write_args(tmp_path / "two.json", **two)], nproc=2, log_dir=tmp_path / "logs",
                        timeout=300, cwd=REPO, env={"OMP_NUM_THREADS": "1"})  # fmt: skip
     main([write_args(tmp_path / "one.json", **one)])
