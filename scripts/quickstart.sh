@@ -32,7 +32,7 @@ while [ $# -gt 0 ]; do
     --ppo-args) PPO_ARGS="$2"; shift 2 ;;
     --dpo-args) DPO_ARGS="$2"; shift 2 ;;
     --eval-samples) EVAL_SAMPLES="$2"; shift 2 ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
