@@ -228,6 +228,30 @@ def test_reference_free_losses_evaluate_from_the_policy_alone(tmp_path, tiny_ass
     assert metrics["eval_logps/chosen"] == pytest.approx(pc.mean(), rel=1e-5)
 
 
+CUSTOM_LOSS_MODULE = """
+from alignment.models.dpo_model_utils import register_preference_loss
+
+@register_preference_loss("test-squared-margin", uses_reference=True)
+def squared_margin(*, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                   chosen_lengths, rejected_lengths, beta, label_smoothing, simpo_gamma):
+    h = (policy_chosen_logps - policy_rejected_logps) - (reference_chosen_logps - reference_rejected_logps)
+    return (1.0 - beta * h) ** 2 + 3.0, beta * policy_chosen_logps, beta * policy_rejected_logps
+"""
+
+
+def test_a_loss_registered_in_a_custom_module_can_be_named(tmp_path, tiny_assets):
+    """``custom_dataset_modules`` is imported before the arguments are checked, so a loss it registers
+    is a valid ``loss_type``; with policy == reference its loss is (1 - 0)^2 + 3 for every pair."""
+    module = tmp_path / "my_losses.py"
+    module.write_text(CUSTOM_LOSS_MODULE)
+    args = base_args(tiny_assets["llama"], tmp_path / "out", do_train=False, loss_type="test-squared-margin",
+                     custom_dataset_modules=str(module))  # fmt: skip
+    metrics = main([write_args(tmp_path / "a.json", **args)])
+    assert metrics["eval_loss"] == pytest.approx(4.0, rel=1e-6)
+    metrics = main([write_args(tmp_path / "a.json", **args)])  # imported again: the same loss, no clash
+    assert metrics["eval_loss"] == pytest.approx(4.0, rel=1e-6)
+
+
 def test_main_trains_logs_every_metric_and_writes_a_loadable_policy(tmp_path, tiny_assets, tokenizer):
     """A few steps: every interval log carries the metrics; the saved policy reproduces the reported
     held-out metrics against the untouched reference; eval_before_training is the policy == reference

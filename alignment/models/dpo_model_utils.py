@@ -63,8 +63,11 @@ def register_preference_loss(
         raise ValueError(f"a preference loss needs a non-empty string name, got {name!r}")
 
     def decorator(fn: PreferenceLoss) -> PreferenceLoss:
-        if name in _LOSSES and _LOSSES[name] is not fn:
-            raise ValueError(f"preference loss {name!r} is already registered ({_LOSSES[name].__qualname__})")
+        known = _LOSSES.get(name)
+        # Re-importing a module (a custom module named twice, a script run twice) re-creates its
+        # functions: that is the same loss, not a clash.
+        if known is not None and (known.__module__, known.__qualname__) != (fn.__module__, fn.__qualname__):
+            raise ValueError(f"preference loss {name!r} is already registered ({known.__module__}.{known.__qualname__})")
         _LOSSES[name] = fn
         _USES_REFERENCE[name] = uses_reference
         _USES_LABEL_SMOOTHING[name] = uses_label_smoothing
