@@ -291,6 +291,44 @@ def test_main_trains_logs_every_metric_and_writes_a_loadable_policy(tmp_path, ti
     assert metrics["eval_loss"] == pytest.approx(float(np.mean(np.log1p(np.exp(-(chosen - rejected))))), rel=1e-4)
 
 
+def test_logged_metrics_are_means_over_every_micro_batch_of_the_interval(tmp_path, tiny_assets, tokenizer):
+    """Learning rate 0 (the policy never changes), reference-free sigmoid (rewards beta * log-prob, so
+    not all 0), gradient accumulation 2, logging every 2 steps: each log covers 4 micro-batches of the
+    seeded sampler, and its loss and metrics are the means over their 16 pairs, recomputed here."""
+    from paddlenlp.transformers import AutoModelForCausalLM
+
+    from alignment.utils.trainer import SeededDistributedBatchSampler
+
+    out = tmp_path / "out"
+    args = base_args(tiny_assets["llama"], out, learning_rate=0.0, lr_scheduler_type="constant", max_steps=4,
+                     logging_steps=2, gradient_accumulation_steps=2, do_eval=False, evaluation_strategy="no",
+                     reference_free=True, beta=0.3)  # fmt: skip
+    main([write_args(tmp_path / "a.json", **args)])
+    logs = [r for r in read_metrics(str(out)) if "loss" in r]
+    assert [r["step"] for r in logs] == [2, 4]
+
+    train = DPODataset(TRAIN.format(n=32), tokenizer, max_length=64, seed=7)
+    sampler = SeededDistributedBatchSampler(train, batch_size=4, shuffle=True, num_replicas=1, rank=0, seed=7)
+    sampler.set_epoch(0)
+    batches = list(sampler)[:8]
+    model = AutoModelForCausalLM.from_pretrained(tiny_assets["llama"])
+    model.eval()
+    for k, record in enumerate(logs):
+        chosen, rejected, losses = [], [], []
+        for indices in batches[4 * k : 4 * (k + 1)]:
+            with paddle.no_grad():
+                logps = pair_log_probs(model, train.get_collator()([train[i] for i in indices]))
+            c, r = 0.3 * logps.chosen.numpy().astype(np.float64), 0.3 * logps.rejected.numpy().astype(np.float64)
+            chosen += list(c)
+            rejected += list(r)
+            losses.append(np.mean(np.log1p(np.exp(-(c - r)))))
+        chosen, rejected = np.asarray(chosen), np.asarray(rejected)
+        assert record["rewards/chosen"] == pytest.approx(chosen.mean(), rel=1e-5)
+        assert record["rewards/accuracies"] == pytest.approx(np.mean(chosen > rejected), abs=1e-6)
+        assert record["logps/rejected"] == pytest.approx(rejected.mean() / 0.3, rel=1e-5)
+        assert record["loss"] == pytest.approx(np.mean(losses), rel=1e-5)
+
+
 def test_precomputed_reference_log_probs_train_exactly_as_on_the_fly(tmp_path, tiny_assets):
     def run(name, **extra):
         out = tmp_path / name
