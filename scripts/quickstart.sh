@@ -2,14 +2,16 @@
 # The whole pipeline on a CPU in minutes: tiny tokenizer + model -> SFT -> reward model -> PPO ->
 # evaluation, each stage through its public entry point and JSON file (config/tiny/*.json).
 #
-#   bash scripts/quickstart.sh [--output-dir DIR] [--algorithm ppo|dpo] [--sft-from DIR]
+#   bash scripts/quickstart.sh [--output-dir DIR] [--algorithm ppo|dpo|grpo|rloo|reinforce_plus_plus] [--sft-from DIR]
 #                              [--sft-args "..."] [--rm-args "..."] [--ppo-args "..."] [--dpo-args "..."]
 #                              [--eval-samples N]
 #
 # --*-args are extra "--field value" overrides appended to that stage's JSON arguments.
-# --algorithm chooses the alignment stage after SFT; --sft-from DIR reuses an SFT checkpoint (skips the
-# asset and SFT stages, e.g. to compare algorithms from one SFT model). dpo trains the policy directly on
-# the preference pairs (config/tiny/dpo_argument.json); its reward model only scores the evaluations.
+# --algorithm chooses the alignment stage after SFT (ppo: reward model + PPO; dpo: DPO directly on the
+# preference pairs, config/tiny/dpo_argument.json, with a reward model only to score the evaluations;
+# grpo, rloo, reinforce_plus_plus: critic-free RL on the example task's rule reward,
+# config/tiny/grpo_argument.json with --rl_algorithm; their --ppo-args override that file); --sft-from DIR
+# reuses an SFT checkpoint (skips the asset and SFT stages, e.g. to compare algorithms from one SFT model).
 # Ends with DIR/report.json, PNG curves in DIR/plots/ and a table of generations before/after PPO.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +34,7 @@ while [ $# -gt 0 ]; do
     --ppo-args) PPO_ARGS="$2"; shift 2 ;;
     --dpo-args) DPO_ARGS="$2"; shift 2 ;;
     --eval-samples) EVAL_SAMPLES="$2"; shift 2 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -40,7 +42,8 @@ done
 case "$ALGORITHM" in
   ppo) ;;
   dpo) ;;
-  *) echo "unknown --algorithm: $ALGORITHM (choose from: ppo, dpo)" >&2; exit 2 ;;
+  grpo|rloo|reinforce_plus_plus) ;;
+  *) echo "unknown --algorithm: $ALGORITHM (choose from: ppo, dpo, grpo, rloo, reinforce_plus_plus)" >&2; exit 2 ;;
 esac
 
 PYTHON="${PYTHON:-python}"
@@ -104,9 +107,20 @@ run_dpo() {
     --prompts "$TEST_PROMPTS" --samples "$EVAL_SAMPLES" --output "$OUT/eval_ppo.json"
 }
 
+run_critic_free() {  # no reward model, no critic: the example task's ground truth is the reward
+  stage eval_sft "$PYTHON" scripts/evaluate_policy.py --policy "$SFT" --reward-functions task_score \
+    --prompts "$TEST_PROMPTS" --samples "$EVAL_SAMPLES" --output "$OUT/eval_sft.json"
+  # shellcheck disable=SC2086
+  stage "$ALGORITHM" "$PYTHON" alignment/ppo/run_ppo.py config/tiny/grpo_argument.json --rl_algorithm "$ALGORITHM" \
+    --actor_model_name_or_path "$SFT" --output_dir "$OUT/$ALGORITHM" $PPO_ARGS
+  stage eval_policy "$PYTHON" scripts/evaluate_policy.py --policy "$OUT/$ALGORITHM/policy" --reward-functions task_score \
+    --prompts "$TEST_PROMPTS" --samples "$EVAL_SAMPLES" --output "$OUT/eval_ppo.json"
+}
+
 case "$ALGORITHM" in
   ppo) run_ppo ;;
   dpo) run_dpo ;;
+  grpo|rloo|reinforce_plus_plus) run_critic_free ;;
 esac
 
 echo

@@ -2,7 +2,7 @@
 
 DPO sums log-probs over the *response* tokens of each answer (EOS included), so besides the two
 sequences of a pair the batch needs their response masks. ``DPODataset`` reads any registered or
-custom preference dataset exactly as ``PreferenceDataset`` does (same prompt format, truncation and
+custom preference dataset exactly as ``PreferenceDataset`` does (same chat template, truncation and
 skipping of identical pairs) and records, per side, the number of leading prompt tokens; the
 collator turns them into ``better_response_mask`` / ``worse_response_mask``.
 """
@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 import paddle
 
-from alignment.data import PreferenceDataset, format_prompt
+from alignment.data import PreferenceDataset
 from alignment.data.base import RawSample
+from alignment.data.chat_template import encode_conversation
 from alignment.data.preference import PreferenceCollator
 
 __all__ = ["DPODataset", "DPOCollator", "ReferenceLogProbsDataset", "REFERENCE_KEYS"]
@@ -24,33 +25,30 @@ __all__ = ["DPODataset", "DPOCollator", "ReferenceLogProbsDataset", "REFERENCE_K
 REFERENCE_KEYS = ("reference_chosen_logps", "reference_rejected_logps")
 
 
-def _common_prefix_length(a: np.ndarray, b: np.ndarray) -> int:
-    width = min(len(a), len(b))
-    unequal = np.nonzero(a[:width] != b[:width])[0]
-    return int(unequal[0]) if len(unequal) else width
-
-
 class DPODataset(PreferenceDataset):
     """``{better_input_ids, worse_input_ids, better_prompt_length, worse_prompt_length}`` per pair.
 
-    ``*_prompt_length`` is the number of leading tokens shared with the tokenized prompt alone
-    (a tokenizer may merge across the prompt/answer boundary: only the shared prefix is prompt).
-    A pair where either side has no response token left within ``max_length`` is skipped and
-    counted ("prompt fills max_length").
+    ``*_prompt_length`` is where the answer starts, as the chat template's
+    :func:`~alignment.data.chat_template.encode_conversation` finds it (the generation prompt; tokens a
+    tokenizer merges across the boundary count as prompt). A pair where either side has no response
+    token left within ``max_length`` is skipped and counted ("prompt fills max_length").
     """
 
     def preprocess(self, raw_sample: RawSample) -> dict[str, np.ndarray] | None:
         example = super().preprocess(raw_sample)
         if example is None:
             return None
-        prompt_ids = self.tokenize(format_prompt(raw_sample["input"], eos_token=self.eos_token), max_length=self.max_length + 1)
-        for side in ("better", "worse"):
+        better, worse = raw_sample["answer"], raw_sample["other_answer"]
+        if not raw_sample["better"]:
+            better, worse = worse, better
+        for side, answer in (("better", better), ("worse", worse)):
             ids = example[f"{side}_input_ids"]
-            boundary = _common_prefix_length(prompt_ids, ids)
-            if boundary >= len(ids):
+            full_ids, start = encode_conversation(self.chat_template, self.tokenizer, raw_sample["input"], answer)
+            assert (full_ids[: len(ids)] == ids).all(), "DPODataset and PreferenceDataset disagree on the tokens"
+            if start >= len(ids):
                 self.skip("prompt fills max_length")
                 return None
-            example[f"{side}_prompt_length"] = np.int64(boundary)
+            example[f"{side}_prompt_length"] = np.int64(start)
         return example
 
     def get_collator(self) -> DPOCollator:

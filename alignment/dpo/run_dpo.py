@@ -18,6 +18,7 @@ VisualDL with ``report_to: visualdl``).
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from typing import Any, Optional, Sequence
 from paddlenlp.peft import LoRAModel
 from paddlenlp.transformers.model_utils import unwrap_model
 
-from alignment.data import DataArgument, import_custom_dataset_modules, load_tokenizer
+from alignment.data import DataArgument, load_tokenizer
 from alignment.dpo.data import DPODataset
 from alignment.dpo.dpo_trainer import METRIC_NAMES, DPOTrainer, DPOTrainingArguments, precompute_reference_log_probs
 from alignment.models.dpo_model_utils import (
@@ -35,7 +36,8 @@ from alignment.models.dpo_model_utils import (
     preference_loss_uses_reference,
 )
 from alignment.sft import run_sft
-from alignment.utils.config import ConfigError, Problems, parse_arguments
+from alignment.models.hf_convert import resolve_model_arguments
+from alignment.utils.config import ConfigError, Problems, parse_arguments, run_entry_point
 from alignment.utils.env import setup_cpu_runtime
 from alignment.utils.metrics import JsonlLoggingCallback
 from alignment.utils.signals import exit_after_distributed_run, exit_clearly_on_sigterm
@@ -43,9 +45,10 @@ from alignment.utils.stage import (
     build_train_eval_datasets,
     check_data_arguments,
     check_model_paths,
-    prepare_output_dir,
+    resolve_resume,
     run_stage,
     save_pretrained_final,
+    start_metrics_log,
 )
 
 __all__ = [
@@ -77,8 +80,8 @@ class ModelArgument(run_sft.ModelArgument):
 def check_arguments(model_args: ModelArgument, data_args: DataArgument, training_args: DPOTrainingArguments) -> None:
     """Raise one :class:`ConfigError` listing every problem that can be found before loading anything.
 
-    Custom modules (datasets, and preference losses registered in them) must be imported first.
-    SFT's model and LoRA checks apply as they are.
+    SFT's checks apply as they are (they import the custom modules first: datasets, and preference
+    losses registered in them; training arguments, output directory, model paths, chat template, LoRA).
     """
     problems = Problems()
     try:
@@ -113,7 +116,8 @@ def build_datasets(
 ) -> tuple[Optional[DPODataset], Optional[DPODataset]]:
     """``(train, eval)`` DPO datasets (preference pairs plus response starts); eval from
     ``eval_datasets`` or split off the train mix."""
-    return build_train_eval_datasets(DPODataset, data_args, tokenizer, seed, need_train, need_eval)
+    dataset_class = functools.partial(DPODataset, chat_template=data_args.chat_template, system_prompt=data_args.system_prompt)
+    return build_train_eval_datasets(dataset_class, data_args, tokenizer, seed, need_train, need_eval)
 
 
 def load_models(model_args: ModelArgument, training_args: DPOTrainingArguments, tokenizer: Any) -> tuple[Any, Optional[Any]]:
@@ -149,9 +153,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
     ``eval_loss`` and ``eval_<name>`` for :data:`~alignment.dpo.dpo_trainer.METRIC_NAMES` and, with
     ``eval_before_training``, the same evaluation of the initial policy prefixed ``initial_``."""
     setup_cpu_runtime()
-    model_args, data_args, training_args = parse_arguments((ModelArgument, DataArgument, DPOTrainingArguments), argv)
-    import_custom_dataset_modules(data_args.custom_dataset_modules)
-    check_arguments(model_args, data_args, training_args)
+    model_args, data_args, training_args = parse_arguments(
+        (ModelArgument, DataArgument, DPOTrainingArguments), argv, checks=[check_arguments]
+    )
+    resume = resolve_resume(training_args)  # before any weights load
+    resolve_model_arguments(model_args)  # Hugging Face checkpoints (policy, reference) -> converted copies
     exit_clearly_on_sigterm("dpo", training_args.output_dir)
     training_args.print_config(model_args, "Model")
     training_args.print_config(data_args, "Data")
@@ -168,7 +174,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
     )
     collator = (train_dataset or eval_dataset).get_collator()
     policy, reference = load_models(model_args, training_args, tokenizer)
-    resume = prepare_output_dir(training_args)
+    start_metrics_log(training_args, resume)
 
     if reference is not None and training_args.precompute_reference_log_probs:
         shard = dict(
@@ -198,5 +204,5 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)
     exit_after_distributed_run()
