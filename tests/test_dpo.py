@@ -419,11 +419,23 @@ def test_shipped_argument_files_parse(name):
     assert data_args.train_datasets and data_args.eval_datasets and training_args.do_train
 
 
-def test_build_datasets_splits_eval_off_the_train_mix(tokenizer):
-    data_args = DataArgument(train_datasets=TRAIN.format(n=20), eval_split_ratio=0.25, max_length=64)
+def test_build_datasets_splits_eval_off_the_train_mix_with_the_chat_template(tokenizer, tmp_path):
+    from hf_helpers import ZEPHYR_TEMPLATE
+
+    from alignment.data.chat_template import encode_prompt, load_chat_template
+
+    template = tmp_path / "zephyr.jinja"
+    template.write_text(ZEPHYR_TEMPLATE)
+    data_args = DataArgument(train_datasets=TRAIN.format(n=20), eval_split_ratio=0.25, max_length=128,
+                             chat_template=str(template), system_prompt="S")  # fmt: skip
     train, held_out = build_datasets(data_args, tokenizer, seed=1, need_train=True, need_eval=True)
     assert (len(train), len(held_out)) == (15, 5)
-    assert "better_prompt_length" in held_out[0]
+    for dataset in (train, held_out):  # both built with the template (the split keeps it)
+        example, raw = dataset[0], dataset.raw_sample(0)
+        prompt = dataset.encode_prompt(raw["input"]).tolist()
+        assert prompt != encode_prompt(load_chat_template("beaver", tokenizer), tokenizer, raw["input"]).tolist()
+        assert example["better_input_ids"][: len(prompt)].tolist() == prompt
+        assert example["better_prompt_length"] == len(prompt)
 
 
 # ============================================================================ 2 processes, resume
