@@ -43,7 +43,6 @@ from alignment.utils.metrics import JsonlLoggingCallback
 from alignment.utils.signals import exit_after_distributed_run, exit_clearly_on_sigterm
 from alignment.utils.stage import (
     build_train_eval_datasets,
-    check_data_arguments,
     check_model_paths,
     resolve_resume,
     run_stage,
