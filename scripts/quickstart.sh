@@ -2,14 +2,16 @@
 # The whole pipeline on a CPU in minutes: tiny tokenizer + model -> SFT -> reward model -> PPO ->
 # evaluation, each stage through its public entry point and JSON file (config/tiny/*.json).
 #
-#   bash scripts/quickstart.sh [--output-dir DIR] [--algorithm ppo|grpo|rloo|reinforce_plus_plus] [--sft-from DIR]
-#                              [--sft-args "..."] [--rm-args "..."] [--ppo-args "..."] [--eval-samples N]
+#   bash scripts/quickstart.sh [--output-dir DIR] [--algorithm ppo|dpo|grpo|rloo|reinforce_plus_plus] [--sft-from DIR]
+#                              [--sft-args "..."] [--rm-args "..."] [--ppo-args "..."] [--dpo-args "..."]
+#                              [--eval-samples N]
 #
 # --*-args are extra "--field value" overrides appended to that stage's JSON arguments.
-# --algorithm chooses the alignment stage after SFT (ppo: reward model + PPO; grpo, rloo, reinforce_plus_plus:
-# critic-free RL on the example task's rule reward, config/tiny/grpo_argument.json with --rl_algorithm; their
-# --ppo-args override that file); --sft-from DIR reuses an SFT checkpoint (skips the asset and SFT stages,
-# e.g. to compare algorithms from one SFT model).
+# --algorithm chooses the alignment stage after SFT (ppo: reward model + PPO; dpo: DPO directly on the
+# preference pairs, config/tiny/dpo_argument.json, with a reward model only to score the evaluations;
+# grpo, rloo, reinforce_plus_plus: critic-free RL on the example task's rule reward,
+# config/tiny/grpo_argument.json with --rl_algorithm; their --ppo-args override that file); --sft-from DIR
+# reuses an SFT checkpoint (skips the asset and SFT stages, e.g. to compare algorithms from one SFT model).
 # Ends with DIR/report.json, PNG curves in DIR/plots/ and a table of generations before/after PPO.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +22,7 @@ SFT_FROM=""
 SFT_ARGS=""
 RM_ARGS=""
 PPO_ARGS=""
+DPO_ARGS=""
 EVAL_SAMPLES=4
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -29,16 +32,18 @@ while [ $# -gt 0 ]; do
     --sft-args) SFT_ARGS="$2"; shift 2 ;;
     --rm-args) RM_ARGS="$2"; shift 2 ;;
     --ppo-args) PPO_ARGS="$2"; shift 2 ;;
+    --dpo-args) DPO_ARGS="$2"; shift 2 ;;
     --eval-samples) EVAL_SAMPLES="$2"; shift 2 ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 
 case "$ALGORITHM" in
   ppo) ;;
+  dpo) ;;
   grpo|rloo|reinforce_plus_plus) ;;
-  *) echo "unknown --algorithm: $ALGORITHM (choose from: ppo, grpo, rloo, reinforce_plus_plus)" >&2; exit 2 ;;
+  *) echo "unknown --algorithm: $ALGORITHM (choose from: ppo, dpo, grpo, rloo, reinforce_plus_plus)" >&2; exit 2 ;;
 esac
 
 PYTHON="${PYTHON:-python}"
@@ -87,6 +92,21 @@ run_ppo() {
     --prompts "$TEST_PROMPTS" --samples "$EVAL_SAMPLES" --output "$OUT/eval_ppo.json"
 }
 
+run_dpo() {
+  # The reward model is not used by DPO: it scores the SFT and DPO generations for the report.
+  # shellcheck disable=SC2086
+  stage reward_model "$PYTHON" alignment/rm/run_reward.py config/tiny/rm_argument.json \
+    --model_name_or_path "$SFT" --output_dir "$OUT/rm" $RM_ARGS
+  stage eval_sft "$PYTHON" scripts/evaluate_policy.py --policy "$SFT" --reward-model "$OUT/rm" \
+    --prompts "$TEST_PROMPTS" --samples "$EVAL_SAMPLES" --output "$OUT/eval_sft.json"
+  # shellcheck disable=SC2086
+  stage dpo "$PYTHON" alignment/dpo/run_dpo.py config/tiny/dpo_argument.json \
+    --model_name_or_path "$SFT" --output_dir "$OUT/dpo" $DPO_ARGS
+  # eval_ppo.json: the aligned policy's evaluation, whatever the algorithm (report key ppo_task_score)
+  stage eval_dpo "$PYTHON" scripts/evaluate_policy.py --policy "$OUT/dpo" --reward-model "$OUT/rm" \
+    --prompts "$TEST_PROMPTS" --samples "$EVAL_SAMPLES" --output "$OUT/eval_ppo.json"
+}
+
 run_critic_free() {  # no reward model, no critic: the example task's ground truth is the reward
   stage eval_sft "$PYTHON" scripts/evaluate_policy.py --policy "$SFT" --reward-functions task_score \
     --prompts "$TEST_PROMPTS" --samples "$EVAL_SAMPLES" --output "$OUT/eval_sft.json"
@@ -99,6 +119,7 @@ run_critic_free() {  # no reward model, no critic: the example task's ground tru
 
 case "$ALGORITHM" in
   ppo) run_ppo ;;
+  dpo) run_dpo ;;
   grpo|rloo|reinforce_plus_plus) run_critic_free ;;
 esac
 

@@ -2,9 +2,10 @@
 
     python scripts/quickstart_report.py --output-dir quickstart_output
 
-Reads ``sft/``, ``rm/`` and ``<algorithm>/`` metrics (``metrics.jsonl``; ``ppo/`` for PPO, ``grpo/`` etc. for
-the critic-free algorithms, which have no reward model), ``eval_sft.json`` and ``eval_ppo.json`` (the trained
-policy's, whatever the algorithm; scripts/evaluate_policy.py) and ``stage_seconds.json`` (scripts/quickstart.sh).
+Reads ``sft/``, ``rm/`` and ``<algorithm>/`` metrics (``metrics.jsonl``; ``ppo/`` for PPO, ``dpo/`` for DPO,
+``grpo/`` etc. for the critic-free algorithms, which have no reward model), ``eval_sft.json`` and ``eval_ppo.json``
+(the trained policy's, whatever the algorithm; scripts/evaluate_policy.py) and ``stage_seconds.json``
+(scripts/quickstart.sh).
 """
 
 from __future__ import annotations
@@ -23,6 +24,12 @@ PLOTS = {
     ),
     "reward_model_training.png": ("rm", ["loss", "accuracy", "eval_accuracy", "eval_loss", "eval_rewards_mean"], "Reward model"),
     "sft_training.png": ("sft", ["loss", "eval_loss", "eval_ppl"], "SFT"),
+    "dpo_training.png": (
+        "dpo",
+        ["loss", "eval_loss", "rewards/accuracies", "eval_rewards/accuracies", "rewards/margins",
+         "eval_rewards/margins", "logps/chosen", "logps/rejected"],
+        "DPO",
+    ),
 }  # fmt: skip
 #: Curves of a critic-free stage (``<algorithm>/metrics.jsonl``), drawn as ``<algorithm>_training.png``.
 CRITIC_FREE_KEYS = [
@@ -107,6 +114,11 @@ def build_report(output_dir: str) -> dict:
         ],
         "samples": sample_table(before, after),
     }
+    if algorithm == "dpo":  # DPO saves the policy in its output directory itself; PLOTS draws its curves
+        dpo_records = read_metrics(os.path.join(output_dir, "dpo"))
+        report["dpo_eval_accuracy"] = last_value(dpo_records, "eval_rewards/accuracies")
+        report["dpo_eval_margin"] = last_value(dpo_records, "eval_rewards/margins")
+        report["checkpoints"]["policy"] = os.path.join(output_dir, "dpo")
     return report
 
 
@@ -118,6 +130,8 @@ def print_report(report: dict) -> None:
 
     print(f"========== quick start report ({report['algorithm']}) ==========")
     print(f"reward model held-out accuracy : {fmt(report['rm_eval_accuracy'])}")
+    if "dpo_eval_accuracy" in report:
+        print(f"DPO held-out implicit-reward accuracy : {fmt(report['dpo_eval_accuracy'])}")
     name = report["algorithm"].upper()
     print(f"mean reward      SFT -> {name:<6} : {fmt(report['sft_reward_mean'])} -> {fmt(report['ppo_reward_mean'])}")
     print(f"task score       SFT -> {name:<6} : {fmt(report['sft_task_score'])} -> {fmt(report['ppo_task_score'])}")
