@@ -167,7 +167,8 @@ def _module_available(name: str) -> bool:
 def integration_available(name: str) -> bool:
     """True if the library behind the ``report_to`` integration ``name`` can be imported."""
     if name == "tensorboard":
-        return _module_available("tensorboardX") or _module_available("torch")
+        # torch's SummaryWriter needs the ``tensorboard`` package besides torch itself
+        return _module_available("tensorboardX") or (_module_available("torch") and _module_available("tensorboard"))
     return _module_available(name)
 
 
