@@ -39,9 +39,10 @@ def tiny_llama(num_kv_heads=4, fused=False, seed=7, **overrides) -> LlamaForCaus
     paddle.seed(seed)
     config = LlamaConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=num_kv_heads, max_position_embeddings=64, fuse_attention_qkv=fused,
-        fuse_attention_ffn=fused, **overrides,
+        num_key_value_heads=num_kv_heads, max_position_embeddings=64, **overrides,
     )
+    # Set after construction: paddlenlp 3.0's PretrainedConfig.__init__ resets both flags to False.
+    config.fuse_attention_qkv = config.fuse_attention_ffn = fused
     model = LlamaForCausalLM(config)
     model.eval()
     return model
