@@ -11,10 +11,10 @@ from paddlenlp.generation.logits_process import RepetitionPenaltyLogitsProcessor
 from paddlenlp.transformers import LlamaConfig, LlamaForCausalLM
 
 from alignment.models.infer_model_utils import (
-    LlamaKVDecoder,
+    KVDecoder,
     check_fused_weight_mapping,
     fused_weight_mapping,
-    llama_decoder_unsupported_reason,
+    kv_decoder_unsupported_reason,
 )
 from alignment.models.ppo_model_utils import gather_log_probabilities, make_position_ids
 from alignment.ppo import infer_utils
@@ -132,7 +132,7 @@ def test_decoder_log_probs_match_training_forward(num_kv_heads):
     paddle.seed(3)
     response = paddle.randint(3, VOCAB, [3, steps])
     with paddle.no_grad():
-        decoder = LlamaKVDecoder(model, ids, mask, steps)
+        decoder = KVDecoder(model, ids, mask, steps)
         logits = [decoder.prefill()]
         for t in range(steps - 1):
             logits.append(decoder.step(response[:, t]))
@@ -291,7 +291,7 @@ def test_fused_weight_mapping_refuses_gqa_and_unfuses_qkv():
 def test_unsupported_model_falls_back_to_plain(caplog, monkeypatch):
     monkeypatch.setattr(infer_utils, "_warned", set())
     model = tiny_llama(rope_scaling_type="dynamic_ntk", rope_scaling_factor=2.0)
-    assert "dynamic_ntk" in llama_decoder_unsupported_reason(model)
+    assert "dynamic_ntk" in kv_decoder_unsupported_reason(model)
     ids, mask = prompts()
     with caplog.at_level(logging.WARNING, logger="alignment.ppo.infer_utils"):
         out = greedy(model, ids, mask, "fast", eos_token_id=-1, max_new_tokens=3)
