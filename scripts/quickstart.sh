@@ -2,15 +2,19 @@
 # The whole pipeline on a CPU in minutes: tiny tokenizer + model -> SFT -> reward model -> PPO ->
 # evaluation, each stage through its public entry point and JSON file (config/tiny/*.json).
 #
-#   bash scripts/quickstart.sh [--output-dir DIR] [--sft-args "..."] [--rm-args "..."] [--ppo-args "..."]
-#                              [--eval-samples N]
+#   bash scripts/quickstart.sh [--output-dir DIR] [--algorithm ppo] [--sft-from DIR]
+#                              [--sft-args "..."] [--rm-args "..."] [--ppo-args "..."] [--eval-samples N]
 #
 # --*-args are extra "--field value" overrides appended to that stage's JSON arguments.
+# --algorithm chooses the alignment stage after SFT; --sft-from DIR reuses an SFT checkpoint (skips the
+# asset and SFT stages, e.g. to compare algorithms from one SFT model).
 # Ends with DIR/report.json, PNG curves in DIR/plots/ and a table of generations before/after PPO.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 OUT=quickstart_output
+ALGORITHM=ppo
+SFT_FROM=""
 SFT_ARGS=""
 RM_ARGS=""
 PPO_ARGS=""
@@ -18,18 +22,27 @@ EVAL_SAMPLES=4
 while [ $# -gt 0 ]; do
   case "$1" in
     --output-dir) OUT="$2"; shift 2 ;;
+    --algorithm) ALGORITHM="$2"; shift 2 ;;
+    --sft-from) SFT_FROM="$2"; shift 2 ;;
     --sft-args) SFT_ARGS="$2"; shift 2 ;;
     --rm-args) RM_ARGS="$2"; shift 2 ;;
     --ppo-args) PPO_ARGS="$2"; shift 2 ;;
     --eval-samples) EVAL_SAMPLES="$2"; shift 2 ;;
-    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
     *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 
+case "$ALGORITHM" in
+  ppo) ;;
+  *) echo "unknown --algorithm: $ALGORITHM (choose from: ppo)" >&2; exit 2 ;;
+esac
+
 PYTHON="${PYTHON:-python}"
 export GLOG_minloglevel="${GLOG_minloglevel:-2}"
 mkdir -p "$OUT"
+SFT="${SFT_FROM:-$OUT/sft}"
+printf '{"algorithm": "%s", "sft": "%s"}\n' "$ALGORITHM" "$SFT" > "$OUT/quickstart.json"
 TIMES="$OUT/stage_seconds.json"
 echo "{}" > "$TIMES"
 
@@ -51,21 +64,29 @@ PY
 
 TEST_PROMPTS="PKU-SafeRLHF/test:1:data/safe_rlhf/test.jsonl"
 
-# shellcheck disable=SC2086  # the *_ARGS are deliberately word-split into --field value pairs
-stage assets "$PYTHON" scripts/make_tiny_assets.py --output-dir "$OUT/assets" --preset small
-# shellcheck disable=SC2086
-stage sft "$PYTHON" alignment/sft/run_sft.py config/tiny/sft_argument.json \
-  --model_name_or_path "$OUT/assets/llama" --output_dir "$OUT/sft" $SFT_ARGS
-# shellcheck disable=SC2086
-stage reward_model "$PYTHON" alignment/rm/run_reward.py config/tiny/rm_argument.json \
-  --model_name_or_path "$OUT/sft" --output_dir "$OUT/rm" $RM_ARGS
-stage eval_sft "$PYTHON" scripts/evaluate_policy.py --policy "$OUT/sft" --reward-model "$OUT/rm" \
-  --prompts "$TEST_PROMPTS" --samples "$EVAL_SAMPLES" --output "$OUT/eval_sft.json"
-# shellcheck disable=SC2086
-stage ppo "$PYTHON" alignment/ppo/run_ppo.py config/tiny/ppo_argument.json \
-  --actor_model_name_or_path "$OUT/sft" --reward_model_name_or_path "$OUT/rm" --output_dir "$OUT/ppo" $PPO_ARGS
-stage eval_ppo "$PYTHON" scripts/evaluate_policy.py --policy "$OUT/ppo/policy" --reward-model "$OUT/rm" \
-  --prompts "$TEST_PROMPTS" --samples "$EVAL_SAMPLES" --output "$OUT/eval_ppo.json"
+if [ -z "$SFT_FROM" ]; then
+  stage assets "$PYTHON" scripts/make_tiny_assets.py --output-dir "$OUT/assets" --preset small
+  # shellcheck disable=SC2086  # the *_ARGS are deliberately word-split into --field value pairs
+  stage sft "$PYTHON" alignment/sft/run_sft.py config/tiny/sft_argument.json \
+    --model_name_or_path "$OUT/assets/llama" --output_dir "$SFT" $SFT_ARGS
+fi
+
+run_ppo() {
+  # shellcheck disable=SC2086
+  stage reward_model "$PYTHON" alignment/rm/run_reward.py config/tiny/rm_argument.json \
+    --model_name_or_path "$SFT" --output_dir "$OUT/rm" $RM_ARGS
+  stage eval_sft "$PYTHON" scripts/evaluate_policy.py --policy "$SFT" --reward-model "$OUT/rm" \
+    --prompts "$TEST_PROMPTS" --samples "$EVAL_SAMPLES" --output "$OUT/eval_sft.json"
+  # shellcheck disable=SC2086
+  stage ppo "$PYTHON" alignment/ppo/run_ppo.py config/tiny/ppo_argument.json \
+    --actor_model_name_or_path "$SFT" --reward_model_name_or_path "$OUT/rm" --output_dir "$OUT/ppo" $PPO_ARGS
+  stage eval_ppo "$PYTHON" scripts/evaluate_policy.py --policy "$OUT/ppo/policy" --reward-model "$OUT/rm" \
+    --prompts "$TEST_PROMPTS" --samples "$EVAL_SAMPLES" --output "$OUT/eval_ppo.json"
+}
+
+case "$ALGORITHM" in
+  ppo) run_ppo ;;
+esac
 
 echo
 "$PYTHON" scripts/quickstart_report.py --output-dir "$OUT"

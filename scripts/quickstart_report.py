@@ -63,6 +63,7 @@ def build_report(output_dir: str) -> dict:
         with open(os.path.join(output_dir, name), encoding="utf-8") as file:
             return json.load(file)
 
+    run = load("quickstart.json") if os.path.isfile(os.path.join(output_dir, "quickstart.json")) else {}
     before, after = load("eval_sft.json"), load("eval_ppo.json")
     rm_records = read_metrics(os.path.join(output_dir, "rm"))
     plots = {}
@@ -73,6 +74,7 @@ def build_report(output_dir: str) -> dict:
             if plot_metrics(path, keys, target, title=title):
                 plots[stage] = target
     report = {
+        "algorithm": run.get("algorithm", "ppo"),
         "rm_eval_accuracy": last_value(rm_records, "eval_accuracy"),
         "sft_reward_mean": before["reward_mean"],
         "ppo_reward_mean": after["reward_mean"],
@@ -83,7 +85,7 @@ def build_report(output_dir: str) -> dict:
         "stage_seconds": load("stage_seconds.json"),
         "plots": plots,
         "checkpoints": {
-            "sft": os.path.join(output_dir, "sft"),
+            "sft": run.get("sft", os.path.join(output_dir, "sft")),
             "reward_model": os.path.join(output_dir, "rm"),
             "policy": os.path.join(output_dir, "ppo", "policy"),
             "value": os.path.join(output_dir, "ppo", "value"),
@@ -100,7 +102,7 @@ def print_report(report: dict) -> None:
     def fmt(value) -> str:
         return "n/a" if value is None else f"{value:.3f}"
 
-    print("========== quick start report ==========")
+    print(f"========== quick start report ({report['algorithm']}) ==========")
     print(f"reward model held-out accuracy : {fmt(report['rm_eval_accuracy'])}")
     print(f"mean reward      SFT -> PPO    : {fmt(report['sft_reward_mean'])} -> {fmt(report['ppo_reward_mean'])}")
     print(f"task score       SFT -> PPO    : {fmt(report['sft_task_score'])} -> {fmt(report['ppo_task_score'])}")

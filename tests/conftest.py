@@ -72,3 +72,43 @@ def tiny_score_model(tiny_assets, tmp_path_factory) -> str:
     for name in os.listdir(tiny_assets["tokenizer"]):
         shutil.copy(os.path.join(tiny_assets["tokenizer"], name), directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory, repo_root):
+    """The README's quick start (``bash scripts/quickstart.sh``), run once per test session.
+
+    Returns ``(output_dir, completed_process)``. Tests of other algorithms reuse its SFT checkpoint
+    (``quickstart.sh --algorithm NAME --sft-from <output_dir>/sft``) instead of training their own.
+    """
+    import subprocess
+
+    output = tmp_path_factory.mktemp("quickstart") / "out"
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="2")
+    result = subprocess.run(
+        ["bash", "scripts/quickstart.sh", "--output-dir", str(output)],  # exactly the README's run
+        cwd=repo_root, env=env, capture_output=True, text=True, timeout=1500,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return output, result
+
+
+@pytest.fixture(scope="session")
+def run_quickstart(repo_root):
+    """``run_quickstart(output, *args)`` runs ``bash scripts/quickstart.sh --output-dir OUTPUT *args``
+    (e.g. ``"--algorithm", "grpo", "--sft-from", sft_dir``), asserts success and returns report.json."""
+    return lambda output, *args, timeout=1500: _run_quickstart(repo_root, output, *args, timeout=timeout)
+
+
+def _run_quickstart(repo_root: str, output, *args: str, timeout: float = 1500) -> dict:
+    import json
+    import subprocess
+
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="2")
+    result = subprocess.run(
+        ["bash", "scripts/quickstart.sh", "--output-dir", str(output), *args],
+        cwd=repo_root, env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    with open(os.path.join(str(output), "report.json"), encoding="utf-8") as file:
+        return json.load(file)

@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import subprocess
-import sys
 
 import pytest
 
@@ -25,17 +23,12 @@ def png_size(path: str) -> tuple[int, int]:
 
 
 @pytest.mark.slow
-def test_quickstart_trains_every_stage_and_ppo_improves_the_policy(tmp_path, repo_root):
-    output = tmp_path / "quickstart"
-    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="2")
-    result = subprocess.run(
-        ["bash", "scripts/quickstart.sh", "--output-dir", str(output)],  # exactly the README's run
-        cwd=repo_root, env=env, capture_output=True, text=True, timeout=1500,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "quick start report" in result.stdout
+def test_quickstart_trains_every_stage_and_ppo_improves_the_policy(quickstart_run):
+    output, result = quickstart_run  # the README's run, shared with the other algorithms' tests
+    assert "quick start report (ppo)" in result.stdout
 
     report = json.loads((output / "report.json").read_text())
+    assert report["algorithm"] == "ppo"
     for key in ["rm_eval_accuracy", "sft_reward_mean", "ppo_reward_mean", "sft_task_score", "ppo_task_score", "stage_seconds"]:
         assert report[key] is not None, key
     assert set(report["stage_seconds"]) >= {"sft", "reward_model", "ppo"}

@@ -22,8 +22,9 @@ piece                          slow kernel                                   bef
 about 80 ms and a training step accordingly). :func:`enable_fast_cpu_llama` swaps them in, in
 ``paddlenlp.transformers.llama.modeling`` only; the math is unchanged (identical outputs up to
 float rounding, checked in ``tests/test_llama_cpu.py`` for values and gradients). Configurations
-these versions do not cover (flash attention, fused RMSNorm/RoPE, alibi, sequence parallel,
-pipeline positions) fall through to the original functions. Nothing is patched on GPU.
+these versions do not cover (flash attention, fused RoPE, alibi, sequence parallel, pipeline
+positions) fall through to the original functions; ``use_fused_rms_norm`` does so only where Paddle's
+fused CPU kernel can run (AVX-512F, see :mod:`alignment.models.kernels`). Nothing is patched on GPU.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from typing import Any
 
 import paddle
 import paddle.nn.functional as F
+
+from alignment.models.kernels import fused_rms_norm_usable
 
 __all__ = ["enable_fast_cpu_llama", "disable_fast_cpu_llama", "fast_cpu_llama_enabled"]
 
@@ -46,7 +49,9 @@ def _modeling():
 
 
 def _rms_norm_forward(self, hidden_states: paddle.Tensor) -> paddle.Tensor:
-    if self.config.use_fused_rms_norm:
+    # ``use_fused_rms_norm`` runs Paddle's fused kernel only where the CPU can execute it (AVX-512F);
+    # elsewhere (or with ALIGNMENT_PORTABLE_CPU=1) this portable version, same math.
+    if self.config.use_fused_rms_norm and fused_rms_norm_usable():
         return _ORIGINALS["rms_norm_forward"](self, hidden_states)
     with paddle.amp.auto_cast(False):
         hidden_states = hidden_states.astype("float32")

@@ -25,6 +25,7 @@ from paddlenlp.trainer import TrainingArguments as PaddleTrainingArguments
 
 from alignment.data.arguments import DataArgument as BaseDataArgument
 from alignment.utils.config import Problems, looks_like_local_path
+from alignment.utils.stage import check_cpu_model_flags
 
 __all__ = [
     "ModelArgument",
@@ -180,16 +181,24 @@ def parallel_layout_problems(
     return problems
 
 
+MODEL_PATHS = ("actor_model_name_or_path", "reward_model_name_or_path", "reward_critic_model_name_or_path")
+
+
 def validate_arguments(model_args: ModelArgument, data_args: DataArgument, args: TrainingArguments, source: str | None = None) -> None:
     """Check the whole configuration before any model loads; report every problem at once."""
     problems = Problems(source)
     problems.check(data_args.train_datasets is not None, "train_datasets", "is required")
     for name in ("actor_model_name_or_path", "reward_model_name_or_path"):
         problems.check(getattr(model_args, name) is not None, name, "is required")
-    for name in ("actor_model_name_or_path", "reward_model_name_or_path", "reward_critic_model_name_or_path"):
+    for name in MODEL_PATHS:
         value = getattr(model_args, name)
         if value and looks_like_local_path(value) and not os.path.exists(os.path.expanduser(value)):
             problems.add(name, f"path {value!r} does not exist")
+    check_cpu_model_flags(problems, **{name: getattr(model_args, name) for name in MODEL_PATHS})
+    if model_args.use_flash_attention:
+        import paddle
+
+        problems.check(paddle.is_compiled_with_cuda(), "use_flash_attention", "needs a GPU build of Paddle; set it to false on CPU")
     problems.check(0 < args.top_p <= 1, "top_p", f"must be in (0, 1], got {args.top_p}")
     problems.check(args.temperature >= 0, "temperature", f"must be >= 0, got {args.temperature}")
     problems.check(args.top_k >= 0, "top_k", f"must be >= 0, got {args.top_k}")
