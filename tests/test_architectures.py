@@ -248,3 +248,56 @@ def test_sft_reward_model_ppo_end_to_end(model_type, tiny_models, tmp_path, repo
     start = AutoModelForCausalLM.from_pretrained(sft).state_dict()
     changed = [name for name, tensor in policy.state_dict().items() if not np.array_equal(tensor.numpy(), start[name].numpy())]
     assert changed  # PPO updated the actor
+
+
+# ============================================================================ tensor parallel
+
+
+@pytest.mark.distributed
+def test_tensor_parallel_equals_single_process_for_every_family(tmp_path, repo_root):
+    """Causal LM (logits, loss, gradients) and score model (end scores) at TP=2 == TP=1, for the
+    non-Llama families (Llama's own TP tests are in test_parallel_tensor.py)."""
+    import importlib.util
+
+    from alignment.parallel.launch import launch_distributed
+
+    scripts = os.path.join(repo_root, "tests", "dist_scripts")
+    spec = importlib.util.spec_from_file_location("parallel_common", os.path.join(scripts, "parallel_common.py"))
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    families = [name for name in DECODER_FAMILIES if name != "llama"]
+    batch_np = common.make_lm_batch(seed=0, batch_size=3, seq_len=8, vocab_size=VOCAB)
+    np.savez(tmp_path / "data.npz", **batch_np)
+    for name in families:
+        model = random_causal_lm(name)
+        model.save_pretrained(str(tmp_path / name / "causal"), safe_serialization=True)
+        paddle.seed(5)
+        score = AutoModelForScore.from_pretrained(str(tmp_path / name / "causal"))
+        score.save_pretrained(str(tmp_path / name / "score"), safe_serialization=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    launch_distributed(
+        os.path.join(scripts, "architectures_tp.py"), [tmp_path, tmp_path / "data.npz", out, *families],
+        nproc=2, log_dir=tmp_path / "logs", timeout=180, cwd=repo_root, env={"OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    records = common.read_rank_results(str(out), 2)
+    batch = common.to_paddle(batch_np)
+    batch["attention_mask"] = batch["attention_mask"].astype("bool")
+    for name in families:
+        assert all(r[name]["q_proj_class"] == "ColumnParallelLinear" for r in records)  # really split
+        tp = dict(np.load(out / f"{name}.npz"))
+        causal = get_architecture(name).causal_lm_class.from_pretrained(str(tmp_path / name / "causal"), tensor_parallel_output=False)
+        loss, logits = causal(**batch, return_dict=False)[:2]
+        loss.backward()
+        # (tolerances: float32 round-off of split matmuls on logits of size ~5)
+        np.testing.assert_allclose(tp["logits"], logits.numpy(), rtol=1e-5, atol=5e-5, err_msg=name)
+        np.testing.assert_allclose(tp["loss"], loss.numpy(), rtol=1e-5, err_msg=name)
+        grads = {key: p.grad.numpy() for key, p in causal.named_parameters() if p.grad is not None}
+        assert sorted(k[len("grad/") :] for k in tp if k.startswith("grad/")) == sorted(grads)
+        for key, grad in grads.items():
+            np.testing.assert_allclose(tp[f"grad/{key}"], grad, rtol=1e-4, atol=1e-5, err_msg=f"{name} {key}")
+        score = AutoModelForScore.from_pretrained(str(tmp_path / name / "score"))
+        score.eval()
+        with paddle.no_grad():
+            end_scores = score(batch["input_ids"], attention_mask=batch["attention_mask"], return_dict=True).end_scores
+        np.testing.assert_allclose(tp["end_scores"], end_scores.numpy(), atol=1e-5, err_msg=name)
