@@ -301,3 +301,36 @@ def test_tensor_parallel_equals_single_process_for_every_family(tmp_path, repo_r
         with paddle.no_grad():
             end_scores = score(batch["input_ids"], attention_mask=batch["attention_mask"], return_dict=True).end_scores
         np.testing.assert_allclose(tp["end_scores"], end_scores.numpy(), atol=1e-5, err_msg=name)
+
+
+# ============================================================================ pipeline stages
+
+
+@pytest.mark.parametrize("model_type", [name for name in DECODER_FAMILIES if name != "llama"])
+def test_pipeline_stages_reproduce_the_full_model(model_type):
+    """Chained stages (as the pipeline engine runs them, one per rank) give the full model's logits and
+    score-model scores; Llama's own pipeline tests are in test_parallel_pipeline.py."""
+    from alignment.parallel.pipeline import PipelineStage
+
+    model = random_causal_lm(model_type, num_hidden_layers=3)
+    ids, mask = prompts()
+    batch = {"input_ids": ids, "attention_mask": mask.astype("bool"), "position_ids": make_position_ids(mask)}
+    with paddle.no_grad():
+        expected = model(**batch, return_dict=False)[0]
+        stages = [PipelineStage(model, s, 2) for s in range(2)]
+        logits = stages[1](batch, stages[0](batch))
+    assert stages[0].layer_range == (0, 1) and stages[1].layer_range == (1, 3)
+    np.testing.assert_allclose(logits.numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)
+
+    score = AutoModelForScore.from_config(model.config, score_type="critic")
+    score.eval()
+    with paddle.no_grad():
+        expected_scores = score(**batch, return_dict=True).scores
+        stages = [PipelineStage(score, s, 2, head_name="score_head") for s in range(2)]
+        scores = stages[1](batch, stages[0](batch))
+    assert set(stages[0].state_dict()) | set(stages[1].state_dict()) == set(score.state_dict())
+    np.testing.assert_allclose(scores.numpy(), expected_scores.numpy(), rtol=1e-5, atol=1e-5)
+    if model_type == "qwen2":  # tied embeddings cannot be split across stages: a clear error
+        tied = random_causal_lm(model_type, tie_word_embeddings=True)
+        with pytest.raises(NotImplementedError, match="tie_word_embeddings"):
+            PipelineStage(tied, 0, 2)
