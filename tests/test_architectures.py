@@ -334,3 +334,44 @@ def test_pipeline_stages_reproduce_the_full_model(model_type):
         tied = random_causal_lm(model_type, tie_word_embeddings=True)
         with pytest.raises(NotImplementedError, match="tie_word_embeddings"):
             PipelineStage(tied, 0, 2)
+
+
+# ============================================================================ unsupported architectures
+
+
+@pytest.mark.parametrize(
+    "script, fields",
+    [
+        ("sft", {"model_name_or_path": "{gpt}"}),
+        ("rm", {"model_name_or_path": "{gpt}"}),
+        ("ppo", {"actor_model_name_or_path": "{gpt}", "reward_model_name_or_path": "{gpt}"}),
+    ],
+)
+def test_entry_points_refuse_an_unsupported_architecture_before_loading_weights(script, fields, tiny_assets, tmp_path, repo_root):
+    """A checkpoint directory with a GPT config and no weights at all: the error names the field, the
+    model type and every supported family (nothing is loaded, or the missing weights would fail first)."""
+    import shutil
+
+    from alignment.ppo.run_ppo import main as run_ppo
+    from alignment.rm.run_reward import main as run_reward
+    from alignment.sft.run_sft import main as run_sft
+    from alignment.utils.config import ConfigError
+
+    gpt = tmp_path / "gpt"
+    shutil.copytree(tiny_assets["tokenizer"], gpt)
+    (gpt / "config.json").write_text(json.dumps({"model_type": "gpt", "architectures": ["GPTForCausalLM"], "vocab_size": 1000}))
+    data = os.path.join(repo_root, "data")
+    argv = {
+        "sft": [os.path.join(repo_root, "config", "tiny", "sft_argument.json"), "--train_datasets", f"alpaca:1:{data}/alpaca/train.jsonl", "--eval_datasets", f"alpaca:1:{data}/alpaca/test.jsonl"],
+        "rm": [os.path.join(repo_root, "config", "tiny", "rm_argument.json"), "--train_datasets", f"PKU-SafeRLHF/train:1:{data}/safe_rlhf/train.jsonl", "--eval_datasets", f"PKU-SafeRLHF/test:1:{data}/safe_rlhf/test.jsonl"],
+        "ppo": [os.path.join(repo_root, "config", "tiny", "ppo_argument.json"), "--train_datasets", f"PKU-SafeRLHF/train:1:{data}/safe_rlhf/train.jsonl", "--eval_datasets", f"PKU-SafeRLHF/test:1:{data}/safe_rlhf/test.jsonl", "--ptx_datasets", f"alpaca:1:{data}/alpaca/train.jsonl"],
+    }[script]  # fmt: skip
+    for key, value in {**fields, "output_dir": str(tmp_path / "out"), "report_to": "none"}.items():
+        argv += [f"--{key}", value.format(gpt=gpt)]
+    main = {"sft": run_sft, "rm": run_reward, "ppo": run_ppo}[script]
+    with pytest.raises(ConfigError) as error:
+        main(argv)
+    message = str(error.value)
+    first_field = next(iter(fields))
+    assert f"{first_field}: {gpt}: model_type 'gpt' is not supported" in message, message
+    assert all(name in message for name in AVAILABLE)

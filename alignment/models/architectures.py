@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
+import os
 from typing import Any, Optional
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "available_architectures",
     "get_architecture",
     "architecture_of",
+    "check_architecture",
 ]
 
 
@@ -131,3 +134,22 @@ def get_architecture(model_type: Optional[str]) -> DecoderArchitecture:
 def architecture_of(config: Any) -> DecoderArchitecture:
     """The architecture of a model config (by ``model_type``); see :func:`get_architecture`."""
     return get_architecture(getattr(config, "model_type", None))
+
+
+def check_architecture(problems: Any, field: str, name_or_path: Optional[str]) -> None:
+    """Add a problem to ``problems`` (:class:`alignment.utils.config.Problems`) when the local checkpoint
+    ``name_or_path`` is of an unsupported architecture. Reads ``config.json`` only (no weights); a missing
+    path or a hub name is left to the other checks."""
+    config_file = os.path.join(name_or_path or "", "config.json")
+    if not name_or_path or not os.path.isfile(config_file):
+        return
+    try:
+        with open(config_file, encoding="utf-8") as file:
+            model_type = json.load(file).get("model_type")
+    except (OSError, ValueError) as error:
+        problems.add(field, f"{config_file} is not readable JSON ({error})")
+        return
+    try:
+        get_architecture(model_type)
+    except ValueError as error:
+        problems.add(field, f"{name_or_path}: {error}")

@@ -24,6 +24,7 @@ from typing import Any, Optional
 from paddlenlp.trainer import TrainingArguments as PaddleTrainingArguments
 
 from alignment.data.arguments import DataArgument as BaseDataArgument
+from alignment.models.architectures import check_architecture
 from alignment.utils.config import Problems, looks_like_local_path
 from alignment.utils.stage import check_cpu_model_flags
 
@@ -261,6 +262,9 @@ def check_model_compatibility(model_args: ModelArgument, data_args: DataArgument
     from paddlenlp.transformers import AutoConfig
 
     problems = Problems(source)
+    for name in ("actor_model_name_or_path", "reward_model_name_or_path", "reward_critic_model_name_or_path"):
+        check_architecture(problems, name, getattr(model_args, name))
+    problems.raise_if_any()  # an unknown architecture first: its config may lack the fields read below
     actor_config = AutoConfig.from_pretrained(model_args.actor_model_name_or_path)
     problems.check(
         len(tokenizer) <= actor_config.vocab_size,

@@ -27,6 +27,7 @@ from alignment.data import DataArgument, PreferenceDataset, import_custom_datase
 from alignment.models import AutoModelForScore
 from alignment.models.score_model_utils import NORMALIZER_TYPES
 from alignment.rm.reward_trainer import RewardTrainer, RewardTrainingArguments
+from alignment.models.architectures import check_architecture
 from alignment.utils.config import ConfigError, Problems, parse_arguments
 from alignment.utils.env import setup_cpu_runtime
 from alignment.utils.metrics import JsonlLoggingCallback
@@ -108,6 +109,7 @@ def check_arguments(
         tokenizer_name_or_path=model_args.tokenizer_name_or_path,
     )
     problems.check(bool(model_args.model_name_or_path), "model_name_or_path", "required")
+    check_architecture(problems, "model_name_or_path", model_args.model_name_or_path)
     check_data_arguments(problems, data_args, training_args, example="PKU-SafeRLHF/train:1:data/safe_rlhf/train.jsonl")
     if training_args.metric_for_best_model is not None and training_args.load_best_model_at_end:
         known = ("accuracy", "rewards_mean", "rewards_std", "loss")

@@ -29,6 +29,7 @@ from alignment.data import (
 )
 from alignment.sft.merge_lora import LORA_ADAPTER_DIR, merge_lora_model
 from alignment.sft.sft_trainer import SFTTrainer
+from alignment.models.architectures import check_architecture
 from alignment.utils.config import ConfigError, Problems, parse_arguments
 from alignment.utils.env import setup_cpu_runtime
 from alignment.utils.metrics import JsonlLoggingCallback
@@ -115,6 +116,7 @@ def check_arguments(model_args: ModelArgument, data_args: DataArgument, training
         tokenizer_name_or_path=model_args.tokenizer_name_or_path,
     )
     problems.check(bool(model_args.model_name_or_path), "model_name_or_path", "required")
+    check_architecture(problems, "model_name_or_path", model_args.model_name_or_path)
     check_data_arguments(problems, data_args, training_args, example="alpaca:1:data/alpaca/train.jsonl")
     problems.check(
         training_args.pipeline_parallel_degree <= 1,
