@@ -306,10 +306,10 @@ def test_tensor_parallel_equals_single_process_for_every_family(tmp_path, repo_r
 # ============================================================================ pipeline stages
 
 
-@pytest.mark.parametrize("model_type", [name for name in DECODER_FAMILIES if name != "llama"])
+@pytest.mark.parametrize("model_type", DECODER_FAMILIES)
 def test_pipeline_stages_reproduce_the_full_model(model_type):
     """Chained stages (as the pipeline engine runs them, one per rank) give the full model's logits and
-    score-model scores; Llama's own pipeline tests are in test_parallel_pipeline.py."""
+    score-model scores (Llama's pipeline training tests are in test_parallel_pipeline.py)."""
     from alignment.parallel.pipeline import PipelineStage
 
     model = random_causal_lm(model_type, num_hidden_layers=3)

@@ -1,4 +1,4 @@
-"""Faster CPU versions of three PaddleNLP Llama building blocks (patches for paddlenlp 2.8.1).
+"""Faster CPU versions of three PaddleNLP Llama building blocks (patches for paddlenlp 2.8.1 and 3.0).
 
 Profiling a 4-layer Llama (hidden 256) forward on [8, 96] tokens on a 2-core AMD EPYC with Paddle
 3.3.1's CPU wheel showed that the matmuls took a third of the time; the rest was three element-wise
