@@ -47,19 +47,6 @@ def prompts(seed=11):
     return paddle.where(mask > 0, ids, paddle.zeros_like(ids)), mask
 
 
-@pytest.fixture
-def portable(monkeypatch):
-    """Force the portable path, and make any call of the AVX-512 kernel fail loudly."""
-    monkeypatch.setenv(env.PORTABLE_CPU_ENV, "1")
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("the AVX-512 fused_rms_norm kernel ran while the portable path was forced")
-
-    monkeypatch.setattr(kernels, "fused_rms_norm", forbidden)
-    monkeypatch.setitem(llama_cpu._ORIGINALS, "rms_norm_forward", forbidden)
-    return forbidden
-
-
 def reference_rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     x = x.astype(np.float64)
     return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
@@ -118,11 +105,33 @@ def test_portable_rms_norm_equals_the_fused_kernel_and_the_formula(shape, with_r
         np.testing.assert_array_equal(carried.numpy(), fused_carried.numpy())
 
 
-def test_llama_rms_norm_with_use_fused_rms_norm_runs_portably(portable):
-    layer = tiny_llama(use_fused_rms_norm=True).llama.norm
+def test_llama_use_fused_rms_norm_runs_on_cpu_and_portably_when_forced(monkeypatch):
+    """PaddleNLP's own fused path imports the GPU-only ``fused_ln`` package; on CPU the flag runs
+    Paddle's fused kernel where the CPU has AVX-512F and the portable twin otherwise."""
+    model = tiny_llama(use_fused_rms_norm=True)
+    layer = model.llama.norm
     x = paddle.randn([2, 3, 64])
     expected = reference_rms_norm(x.numpy(), layer.weight.numpy(), layer.variance_epsilon)
+    np.testing.assert_allclose(layer(x).numpy(), expected, rtol=2e-6, atol=2e-6)  # default path
+    ids = paddle.randint(3, VOCAB, [2, 5])
+    with paddle.no_grad():
+        default_logits = model(ids)[0].numpy()
+    monkeypatch.setenv(env.PORTABLE_CPU_ENV, "1")
+    monkeypatch.setattr(kernels, "fused_rms_norm", lambda *a, **k: pytest.fail("fused kernel ran while forced off"))
     np.testing.assert_allclose(layer(x).numpy(), expected, rtol=2e-6, atol=2e-6)
+    with paddle.no_grad():
+        np.testing.assert_allclose(model(ids)[0].numpy(), default_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_llama_use_fused_rms_norm_trains_on_cpu():
+    """Paddle registers no CPU backward for fused_rms_norm: training must take the portable path."""
+    model = tiny_llama(use_fused_rms_norm=True)
+    model.train()
+    ids = paddle.randint(3, VOCAB, [2, 5])
+    loss = model(ids, labels=ids)[0]
+    loss.backward()
+    grad = model.llama.norm.weight.grad
+    assert grad is not None and bool(paddle.isfinite(grad).all()) and float(grad.abs().sum()) > 0
 
 
 def decoder_logits(model, ids, mask, response):
@@ -140,7 +149,7 @@ def test_portable_decoder_equals_fused_decoder_and_paddlenlp_forward(monkeypatch
     paddle.seed(3)
     response = paddle.randint(3, VOCAB, [3, 6])
     default_decoder, default_logits = decoder_logits(model, ids, mask, response)
-    assert default_decoder.rms_norm is (kernels.fused_rms_norm if env.cpu_supports_avx512f() else portable_rms_norm)
+    assert default_decoder.rms_norm is (kernels.fused_rms_norm if env.avx512_kernels_enabled() else portable_rms_norm)
     monkeypatch.setenv(env.PORTABLE_CPU_ENV, "1")
     portable_decoder, portable_logits = decoder_logits(model, ids, mask, response)
     assert portable_decoder.rms_norm is portable_rms_norm

@@ -8,8 +8,9 @@ composition of portable ops with the same result (``tests/test_cpu_portability.p
 =====================  ==================================  =============================  ====================
 op                     fused kernel                        runs where                     portable twin
 =====================  ==================================  =============================  ====================
-RMSNorm (+ residual)   ``incubate...fused_rms_norm``       GPU; CPU with AVX-512F         square/mean/rsqrt
-                       (CPU: ``RmsNormAvxKernel``)
+RMSNorm (+ residual)   ``incubate...fused_rms_norm``       GPU; CPU with AVX-512F,        square/mean/rsqrt
+                       (CPU: ``RmsNormAvxKernel``)         forward only (no CPU grad
+                                                           kernel is registered)
 =====================  ==================================  =============================  ====================
 
 ``ALIGNMENT_PORTABLE_CPU=1`` forces the portable column on any CPU (CI runs the rollout tests and an

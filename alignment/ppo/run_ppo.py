@@ -2,7 +2,9 @@
 
 Four models: the actor and a frozen reference start from the SFT checkpoint
 (``actor_model_name_or_path``); the critic and a frozen reward model start from the reward
-checkpoint (``reward_critic_model_name_or_path`` for the critic when given). Every field of the
+checkpoint (``reward_critic_model_name_or_path`` for the critic when given). ``rl_algorithm`` other
+than ``ppo`` (GRPO, RLOO, REINFORCE++; docs/critic_free.md) loads no critic, and its reward may come
+from ``reward_functions`` / ``reward_server`` instead of (or added to) a reward model. Every field of the
 JSON file is one of the dataclass fields below or of PaddleNLP's ``TrainingArguments``; command-line
 ``--field value`` pairs after the file override it.
 
@@ -36,9 +38,24 @@ __all__ = [
     "validate_arguments",
     "parallel_layout_problems",
     "load_models",
+    "critic_training_arguments",
+    "report_to_problems",
 ]
 
 logger = logging.getLogger("alignment.ppo")
+
+
+#: ``rl_algorithm`` values: ``ppo`` trains a critic; the others are critic-free advantage estimators
+#: (``alignment.models.ppo_model_utils.get_advantage_estimator``).
+RL_ALGORITHMS = ("ppo", "grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
+CRITIC_FREE_ALGORITHMS = ("grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
+#: Algorithms whose baseline is the other samples of the prompt: a group of one has none.
+GROUP_ALGORITHMS = ("grpo", "rloo")
+
+
+def uses_critic(args: Any) -> bool:
+    """True when ``rl_algorithm`` trains a reward critic."""
+    return getattr(args, "rl_algorithm", "ppo") not in CRITIC_FREE_ALGORITHMS
 
 
 @dataclass
@@ -51,6 +68,17 @@ class ModelArgument:
         default=None, metadata={"help": "Critic initialization; defaults to reward_model_name_or_path."}
     )
     use_flash_attention: bool = field(default=False, metadata={"help": "Use flash attention (GPU)."})
+    reward_functions: Optional[str] = field(
+        default=None,
+        metadata={"help": "Rule-based rewards 'name[:weight],...' of registered reward functions (e.g. 'task_score:1.0,length:0.1'); "
+                          "added to the reward model's score when both are given (alignment/rewards/functions.py)."},
+    )  # fmt: skip
+    reward_server: Optional[str] = field(
+        default=None, metadata={"help": "URL of a remote reward service (http://host:port); its reward is added to the others."}
+    )
+    custom_reward_modules: Optional[str] = field(
+        default=None, metadata={"help": "Comma-separated modules or .py files registering reward functions to import."}
+    )
 
 
 @dataclass
@@ -62,9 +90,27 @@ class DataArgument(BaseDataArgument):
 
 @dataclass
 class TrainingArguments(PaddleTrainingArguments):
+    # algorithm
+    rl_algorithm: str = field(
+        default="ppo",
+        metadata={"help": "ppo (actor + critic, GAE) or a critic-free estimator: grpo, rloo, reinforce_plus_plus, "
+                          "reinforce_plus_plus_baseline.", "choices": list(RL_ALGORITHMS)},
+    )  # fmt: skip
     # PPO
     kl_coeff: float = field(default=0.02, metadata={"help": "KL penalty coefficient of the per-token reward."})
+    kl_loss_coeff: float = field(default=0.0, metadata={"help": "Coefficient of the KL term added to the actor loss."})
+    kl_estimator: Optional[str] = field(
+        default=None,
+        metadata={"help": "KL estimator of the loss term: k1, k2 or k3 (default k3, GRPO's).", "choices": [None, "k1", "k2", "k3"]},
+    )
+    entropy_coeff: float = field(default=0.0, metadata={"help": "Entropy bonus: the actor loss subtracts coeff x entropy."})
     clip_range_ratio: float = field(default=0.2, metadata={"help": "PPO ratio clip: (1 - c, 1 + c)."})
+    clip_range_ratio_low: Optional[float] = field(
+        default=None, metadata={"help": "Lower ratio clip: 1 - low (default clip_range_ratio)."}
+    )
+    clip_range_ratio_high: Optional[float] = field(
+        default=None, metadata={"help": "Upper ratio clip: 1 + high (default clip_range_ratio; DAPO's clip-higher)."}
+    )
     clip_range_score: float = field(default=50.0, metadata={"help": "Reward-model score clipped to [-c, c]."})
     clip_range_value: float = field(default=5.0, metadata={"help": "Value clip around the rollout values."})
     ptx_coeff: float = field(default=0.0, metadata={"help": "Coefficient of the ptx (pretraining-mix) loss."})
@@ -86,14 +132,27 @@ class TrainingArguments(PaddleTrainingArguments):
     critic_learning_rate: Optional[float] = field(default=None, metadata={"help": "Critic learning rate."})
     critic_weight_decay: Optional[float] = field(default=None, metadata={"help": "Critic weight decay."})
     critic_lr_scheduler_type: Optional[str] = field(default=None, metadata={"help": "Critic LR scheduler."})
-    critic_warmup_ratio: Optional[float] = field(default=None, metadata={"help": "Critic warmup ratio."})
+    critic_warmup_ratio: Optional[float] = field(
+        default=None, metadata={"help": "Critic warmup ratio; when set it wins over the actor's warmup_steps."}
+    )
+    critic_warmup_steps: Optional[int] = field(
+        default=None, metadata={"help": "Critic warmup steps; wins over every other warmup setting of the critic."}
+    )
     critic_recompute: Optional[bool] = field(default=None, metadata={"help": "Critic activation recompute."})
     # rollout
     per_device_prompt_batch_size: int = field(default=16, metadata={"help": "Prompts per device per rollout."})
     per_device_experience_batch_size: Optional[int] = field(
         default=None, metadata={"help": "Rows per forward pass when scoring a rollout (default: the whole rollout)."}
     )
-    num_return_sequences: int = field(default=1, metadata={"help": "Samples generated per prompt."})
+    num_return_sequences: int = field(default=1, metadata={"help": "Samples generated per prompt (a GRPO/RLOO group)."})
+    rollout_n: Optional[int] = field(default=None, metadata={"help": "Upstream alias of num_return_sequences."})
+    rollout_seed_per_prompt: bool = field(
+        default=False,
+        metadata={"help": "Seed each prompt's sampling from (seed, step, prompt index) and generate prompt by prompt: "
+                          "rollouts independent of the number of data-parallel ranks (slower generation)."},
+    )  # fmt: skip
+    advantage_epsilon: float = field(default=1e-6, metadata={"help": "GRPO: (s - mean) / (std + epsilon)."})
+    norm_adv_by_std: bool = field(default=True, metadata={"help": "GRPO: divide by the group std (False: Dr. GRPO)."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (0 = greedy)."})
     top_p: float = field(default=0.8, metadata={"help": "Nucleus sampling threshold."})
     top_k: int = field(default=0, metadata={"help": "Top-k filtering (0 = off)."})
@@ -134,6 +193,11 @@ class TrainingArguments(PaddleTrainingArguments):
             dist.get_world_size(),
         ):  # fmt: skip
             problems.add(name, message)
+        if self.rollout_n is not None:  # the upstream alias of num_return_sequences
+            if self.num_return_sequences not in (1, self.rollout_n):
+                problems.add("rollout_n", f"is an alias of num_return_sequences: got both ({self.rollout_n} and {self.num_return_sequences})")
+            else:
+                self.num_return_sequences = self.rollout_n
         problems.raise_if_any()
         from alignment.parallel.topology import gloo_safe_group_creation
 
@@ -184,13 +248,117 @@ def parallel_layout_problems(
 
 MODEL_PATHS = ("actor_model_name_or_path", "reward_model_name_or_path", "reward_critic_model_name_or_path")
 
+# TrainingArguments fields PaddleNLP's Trainer acts on but the PPO loop does not: (field, refused when, why).
+UNSUPPORTED_TRAINING_ARGUMENTS = (
+    ("load_best_model_at_end", lambda v: bool(v),
+     "is not supported by the PPO loop (it tracks no best model); leave it false and pick a checkpoint-<step>"),
+    ("metric_for_best_model", lambda v: v is not None,
+     "is not supported by the PPO loop: save_total_limit keeps the newest checkpoints, not the best one"),
+    ("unified_checkpoint", lambda v: bool(v),
+     "is not supported by the PPO loop: it writes its own checkpoints (save_pretrained safetensors in the "
+     "TP=1 layout + per-rank optimizer states); set it false"),
+    ("pipeline_parallel_config", lambda v: bool(set((v or "").split()) - {"disable_p2p_cache_shape"}),
+     "only 'disable_p2p_cache_shape' is accepted (the PPO pipeline engine always sends shapes, so it is "
+     "what it does anyway); the other paddlenlp pipeline options do not apply to it"),
+)  # fmt: skip
+
+def report_to_problems(report_to: Any) -> list[str]:
+    """Messages for ``report_to`` entries the PPO loop cannot honour (unknown, or library not installed)."""
+    from alignment.ppo.trainer_utils import REPORT_INTEGRATIONS, integration_available
+
+    problems = []
+    for name in report_to or []:
+        if name not in REPORT_INTEGRATIONS:
+            problems.append(f"{name!r} is not supported by the PPO loop; use any of {sorted(REPORT_INTEGRATIONS)} or 'none'")
+        elif not integration_available(name):
+            problems.append(f"{name!r} is not installed ({REPORT_INTEGRATIONS[name]}); install it or drop it from report_to")
+    return problems
+
+
+def critic_training_arguments(args: "TrainingArguments") -> Any:
+    """The critic's ``TrainingArguments``: the actor's with each ``critic_*`` override that is set.
+
+    Warmup precedence (explicit, unlike a plain copy where the actor's ``warmup_steps > 0`` would
+    silently beat ``critic_warmup_ratio``): ``critic_warmup_steps`` if set; else ``critic_warmup_ratio``
+    if set (the critic's ``warmup_steps`` becomes 0 so the ratio applies); else the actor's
+    ``warmup_steps`` / ``warmup_ratio`` with PaddleNLP's rule (``warmup_steps > 0`` wins).
+    """
+    from alignment.ppo.trainer_utils import derive_args
+
+    warmup_steps = args.critic_warmup_steps
+    if warmup_steps is None and args.critic_warmup_ratio is not None:
+        warmup_steps = 0
+    return derive_args(
+        args,
+        learning_rate=args.critic_learning_rate,
+        weight_decay=args.critic_weight_decay,
+        lr_scheduler_type=args.critic_lr_scheduler_type,
+        warmup_ratio=args.critic_warmup_ratio,
+        warmup_steps=warmup_steps,
+        recompute=args.critic_recompute,
+    )
+
 
 def validate_arguments(model_args: ModelArgument, data_args: DataArgument, args: TrainingArguments, source: str | None = None) -> None:
     """Check the whole configuration before any model loads; report every problem at once."""
     problems = Problems(source)
     problems.check(data_args.train_datasets is not None, "train_datasets", "is required")
-    for name in ("actor_model_name_or_path", "reward_model_name_or_path"):
-        problems.check(getattr(model_args, name) is not None, name, "is required")
+    problems.check(model_args.actor_model_name_or_path is not None, "actor_model_name_or_path", "is required")
+    has_text_reward = bool(model_args.reward_functions or model_args.reward_server)
+    if uses_critic(args):
+        problems.check(
+            model_args.reward_model_name_or_path is not None or (has_text_reward and model_args.reward_critic_model_name_or_path),
+            "reward_model_name_or_path",
+            "is required (or reward_functions/reward_server with reward_critic_model_name_or_path to initialise the critic)",
+        )
+    else:
+        problems.check(
+            model_args.reward_model_name_or_path is not None or has_text_reward,
+            "reward_functions",
+            f"rl_algorithm {args.rl_algorithm!r} needs a reward: reward_functions, reward_server and/or reward_model_name_or_path",
+        )
+        critic_only = {
+            "reward_critic_model_name_or_path": model_args.reward_critic_model_name_or_path is not None,
+            **{name: getattr(args, name) is not None for name in (
+                "critic_learning_rate", "critic_weight_decay", "critic_lr_scheduler_type", "critic_warmup_ratio",
+                "critic_warmup_steps", "critic_recompute")},
+            "clip_range_value": args.clip_range_value != 5.0,
+            "gae_lambda": args.gae_lambda != 0.95,
+        }  # fmt: skip
+        for name, given in critic_only.items():
+            if given:
+                problems.add(name, f"is a critic argument, but rl_algorithm {args.rl_algorithm!r} trains no critic; remove it")
+        if args.rl_algorithm in GROUP_ALGORITHMS:
+            problems.check(
+                args.num_return_sequences >= 2,
+                "num_return_sequences",
+                f"rl_algorithm {args.rl_algorithm!r} compares the samples of one prompt: needs num_return_sequences "
+                f"(rollout_n) >= 2, got {args.num_return_sequences} (a group of one has no baseline)",
+            )
+    if model_args.reward_functions:
+        try:
+            from alignment.rewards.functions import get_reward_function, import_custom_reward_modules, parse_reward_functions
+
+            import_custom_reward_modules(model_args.custom_reward_modules)
+            for name, _ in parse_reward_functions(model_args.reward_functions):
+                get_reward_function(name)
+        except (KeyError, ValueError) as error:
+            problems.add("reward_functions", str(error).strip('"'))
+    if model_args.reward_server:
+        problems.check(
+            model_args.reward_server.startswith(("http://", "https://")),
+            "reward_server",
+            f"must be an http:// or https:// URL, got {model_args.reward_server!r}",
+        )
+    for name in ("kl_loss_coeff", "entropy_coeff"):
+        problems.check(getattr(args, name) >= 0, name, f"must be >= 0, got {getattr(args, name)}")
+    for name in ("clip_range_ratio_low", "clip_range_ratio_high"):
+        value = getattr(args, name)
+        if value is not None:
+            problems.check(value > 0, name, f"must be > 0, got {value}")
+    if args.clip_range_ratio_low is not None:
+        problems.check(args.clip_range_ratio_low < 1, "clip_range_ratio_low", f"must be < 1 (the ratio floor is 1 - low), got {args.clip_range_ratio_low}")
+    problems.check(args.advantage_epsilon > 0, "advantage_epsilon", f"must be > 0, got {args.advantage_epsilon}")
     for name in MODEL_PATHS:
         value = getattr(model_args, name)
         if value and looks_like_local_path(value) and not os.path.exists(os.path.expanduser(value)):
@@ -230,6 +398,25 @@ def validate_arguments(model_args: ModelArgument, data_args: DataArgument, args:
             f"must divide the {micro_batches} micro-batches of one rollout (update_iters x rows / per_device_train_batch_size) "
             "so that every rollout ends on an optimizer step",
         )
+    for name in ("critic_learning_rate", "critic_weight_decay", "critic_warmup_steps"):
+        value = getattr(args, name)
+        problems.check(value is None or value >= 0, name, f"must be >= 0, got {value}")
+    if args.critic_warmup_ratio is not None:
+        ratio = args.critic_warmup_ratio
+        problems.check(0 <= ratio <= 1, "critic_warmup_ratio", f"must be in [0, 1], got {ratio}")
+    if args.critic_lr_scheduler_type is not None:
+        from paddlenlp.trainer.trainer_utils import SchedulerType
+
+        names = [s.value for s in SchedulerType]
+        problems.check(
+            args.critic_lr_scheduler_type in names, "critic_lr_scheduler_type",
+            f"{args.critic_lr_scheduler_type!r} is not one of {names}",
+        )  # fmt: skip
+    for message in report_to_problems(args.report_to):
+        problems.add("report_to", message)
+    for name, refused, why in UNSUPPORTED_TRAINING_ARGUMENTS:
+        if refused(getattr(args, name, None)):
+            problems.add(name, f"{getattr(args, name)!r} {why}")
     levels = set(args.offload_level.split())
     unknown = levels - {"freeze_model", "optimizer", "train_model"}
     problems.check(not unknown, "offload_level", f"unknown value(s) {sorted(unknown)}; use freeze_model, optimizer, train_model")
@@ -335,7 +522,9 @@ def _rollout_copy(model: Any, tensor_parallel_degree: int, tensor_parallel_rank:
 
 
 def load_models(model_args: ModelArgument, args: TrainingArguments) -> dict[str, Any]:
-    """The four PPO models, plus the actor/critic rollout models with ``eval_mode``.
+    """The PPO models, plus the actor/critic rollout models with ``eval_mode``.
+
+    Critic-free ``rl_algorithm`` values load no critic; without ``reward_model_name_or_path`` no reward model.
 
     Actor and critic get the training tensor-parallel layout; reference and reward the rollout layout
     (``eval_mode: single``: not split; otherwise the training one), as the rollout models. Under pipeline
@@ -368,11 +557,16 @@ def load_models(model_args: ModelArgument, args: TrainingArguments) -> dict[str,
     models = {
         "actor": load(lm_class, actor_path, train_tp, tensor_parallel_output=False),
         "reference": load(lm_class, actor_path, eval_tp, tensor_parallel_output=False),
-        "reward": load(_score_model_class(reward_path), reward_path, eval_tp, score_type="reward", do_normalize=args.normalize_reward),
-        "critic": load(_score_model_class(critic_path), critic_path, train_tp, score_type="critic", do_normalize=False),
     }
+    if reward_path:  # critic-free algorithms may score with reward functions / a reward server only
+        models["reward"] = load(
+            _score_model_class(reward_path), reward_path, eval_tp, score_type="reward", do_normalize=args.normalize_reward
+        )
+    if uses_critic(args):
+        models["critic"] = load(_score_model_class(critic_path), critic_path, train_tp, score_type="critic", do_normalize=False)
+    trained = [name for name in ("actor", "critic") if name in models]
     if args.eval_mode:
-        for name in ("actor", "critic"):
+        for name in trained:
             models[f"{name}_eval"] = _rollout_copy(models[name], eval_tp, tp_rank, dtype)
     if _degree(args.pipeline_parallel_degree) > 1:
         from paddle.distributed import fleet
@@ -381,8 +575,8 @@ def load_models(model_args: ModelArgument, args: TrainingArguments) -> dict[str,
         from alignment.parallel.pipeline import PipelineEngine
 
         stage_id, stages = fleet.get_hybrid_communicate_group().get_stage_id(), _degree(args.pipeline_parallel_degree)
-        for name, pipe_class in PIPE_MODEL_FOR_ROLE.items():
-            models[name] = pipe_class(models[name], stage_id, stages)  # keeps only this stage's layers
+        for name in trained:
+            models[name] = PIPE_MODEL_FOR_ROLE[name](models[name], stage_id, stages)  # keeps only this stage's layers
             models[f"{name}_pipeline"] = PipelineEngine(models[name])
     return models
 
@@ -409,14 +603,21 @@ def build_trainer(model_args: ModelArgument, data_args: DataArgument, args: Trai
     from alignment.data import is_same_tokenizer, load_tokenizer
     from alignment.ppo.ppo_trainer import PPOTrainer
     from alignment.ppo.rl_trainer import RolloutSettings
-    from alignment.ppo.trainer_utils import StepTrainer, derive_args
+    from alignment.ppo.trainer_utils import StepTrainer
 
     max_new_tokens = args.max_new_tokens or data_args.max_length
     tokenizer = load_tokenizer(model_args.actor_model_name_or_path, padding_side="left", model_max_length=data_args.max_length + max_new_tokens)
     check_model_compatibility(model_args, data_args, args, tokenizer, source)
-    reward_tokenizer = load_tokenizer(model_args.reward_model_name_or_path, padding_side="right")
-    if is_same_tokenizer(tokenizer, reward_tokenizer):
-        reward_tokenizer = tokenizer
+    reward_tokenizer = tokenizer
+    if model_args.reward_model_name_or_path:
+        reward_tokenizer = load_tokenizer(model_args.reward_model_name_or_path, padding_side="right")
+        if is_same_tokenizer(tokenizer, reward_tokenizer):
+            reward_tokenizer = tokenizer
+    from alignment.rewards import build_reward_source
+
+    reward_source = build_reward_source(
+        model_args.reward_functions, model_args.reward_server, model_args.custom_reward_modules
+    )
     critic_path = model_args.reward_critic_model_name_or_path
     if critic_path and not is_same_tokenizer(tokenizer, load_tokenizer(critic_path)):
         raise ValueError(
@@ -429,18 +630,6 @@ def build_trainer(model_args: ModelArgument, data_args: DataArgument, args: Trai
     actor_trainer = StepTrainer(
         models["actor"], args, name="actor", tokenizer=tokenizer,
         pipeline=models.get("actor_pipeline"), eval_model=models.get("actor_eval"),
-    )  # fmt: skip
-    critic_args = derive_args(
-        args,
-        learning_rate=args.critic_learning_rate,
-        weight_decay=args.critic_weight_decay,
-        lr_scheduler_type=args.critic_lr_scheduler_type,
-        warmup_ratio=args.critic_warmup_ratio,
-        recompute=args.critic_recompute,
-    )
-    critic_trainer = StepTrainer(
-        models["critic"], critic_args, name="critic", tokenizer=tokenizer,
-        pipeline=models.get("critic_pipeline"), eval_model=models.get("critic_eval"),
     )  # fmt: skip
     backend = args.rollout_backend
     if backend == "auto" and not args.use_fusemt:
@@ -455,19 +644,27 @@ def build_trainer(model_args: ModelArgument, data_args: DataArgument, args: Trai
         do_sample=args.temperature > 0,
         backend=backend,
     )
-    return PPOTrainer(
-        args,
-        actor_trainer,
-        critic_trainer,
+    common = dict(
         reference_model=models["reference"],
-        reward_model=models["reward"],
+        reward_model=models.get("reward"),
         tokenizer=tokenizer,
         reward_tokenizer=reward_tokenizer,
         train_dataset=datasets["train"],
         rollout=rollout,
         eval_dataset=datasets["eval"],
         ptx_dataset=datasets["ptx"],
+        reward_source=reward_source,
     )
+    if not uses_critic(args):
+        from alignment.ppo.critic_free_trainer import CriticFreeTrainer
+
+        return CriticFreeTrainer(args, actor_trainer, **common)
+    critic_args = critic_training_arguments(args)
+    critic_trainer = StepTrainer(
+        models["critic"], critic_args, name="critic", tokenizer=tokenizer,
+        pipeline=models.get("critic_pipeline"), eval_model=models.get("critic_eval"),
+    )  # fmt: skip
+    return PPOTrainer(args, actor_trainer, critic_trainer, **common)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
