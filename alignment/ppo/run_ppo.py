@@ -323,6 +323,8 @@ def validate_arguments(model_args: ModelArgument, data_args: DataArgument, args:
 
     check_chat_template_argument(problems, data_args.chat_template, data_args.system_prompt)
     problems.check(model_args.actor_model_name_or_path is not None, "actor_model_name_or_path", "is required")
+    for name in ("actor_model_name_or_path", "reward_model_name_or_path", "reward_critic_model_name_or_path"):
+        check_architecture(problems, name, getattr(model_args, name))  # config.json only
     has_text_reward = bool(model_args.reward_functions or model_args.reward_server)
     if uses_critic(args):
         problems.check(
@@ -546,9 +548,6 @@ def check_model_compatibility(model_args: ModelArgument, data_args: DataArgument
     from paddlenlp.transformers import AutoConfig
 
     problems = Problems(source)
-    for name in ("actor_model_name_or_path", "reward_model_name_or_path", "reward_critic_model_name_or_path"):
-        check_architecture(problems, name, getattr(model_args, name))
-    problems.raise_if_any()  # an unknown architecture first: its config may lack the fields read below
     actor_config = AutoConfig.from_pretrained(model_args.actor_model_name_or_path)
     problems.check(
         len(tokenizer) <= actor_config.vocab_size,
