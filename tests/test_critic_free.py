@@ -317,3 +317,55 @@ def test_grpo_under_tensor_and_pipeline_parallel_matches_one_process(tmp_path, t
         for key in want:
             np.testing.assert_allclose(have[key], want[key], rtol=0, atol=1e-5, err_msg=f"{name}/{key}")
         assert not (tmp_path / name / "value").exists()
+
+
+@pytest.mark.slow
+def test_sigkilled_grpo_run_resumes_with_the_same_metrics_and_policy(tmp_path, tiny_assets, repo_root):
+    """The one-model loop checkpoints and resumes what it declared: policy + its optimizer, counters, data order."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    settings = dict(
+        reward_functions="length", custom_reward_modules=None, per_device_prompt_batch_size=2, rollout_n=2,
+        per_device_train_batch_size=2, max_steps=8, save_strategy="steps", save_steps=2, save_total_limit=2,
+        kl_loss_coeff=0.05, learning_rate=5e-4,
+    )  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    reference = critic_free_config(tmp_path, tiny_assets, repo_root, "ref", **settings)
+    subprocess.run([sys.executable, RUN_PPO, reference], check=True, cwd=repo_root, env=env, capture_output=True, timeout=300)
+
+    output = tmp_path / "killed"
+    killed = critic_free_config(tmp_path, tiny_assets, repo_root, "killed", **settings)
+    process = subprocess.Popen([sys.executable, RUN_PPO, killed], cwd=repo_root, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 240
+    while not (output / "checkpoint-4" / "manifest.json").exists():
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline, "no checkpoint-4 in time"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (output / "policy").exists()  # it really died before the end
+    resumed = subprocess.run(
+        [sys.executable, RUN_PPO, killed, "--resume_from_checkpoint", "auto"],
+        cwd=repo_root, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+
+    def records(name):
+        return {r["step"]: r for r in read_metrics(str(tmp_path / name)) if "train/actor_loss" in r}
+
+    expected, got = records("ref"), records("killed")
+    assert sorted(got) == sorted(expected) == [2, 4, 6, 8]
+    for step in expected:
+        for key in COMPARABLE + ["train/zero_variance_groups", "train/clip_fraction"]:
+            assert got[step][key] == pytest.approx(expected[step][key], rel=1e-5, abs=1e-6), (step, key)
+    from safetensors.numpy import load_file
+
+    want, have = load_file(str(tmp_path / "ref" / "policy" / "model.safetensors")), load_file(str(output / "policy" / "model.safetensors"))
+    for key in want:
+        np.testing.assert_allclose(have[key], want[key], atol=1e-6, err_msg=key)
+    assert sorted(n for n in os.listdir(output) if n.startswith("checkpoint-")) == ["checkpoint-6", "checkpoint-8"]
+    assert sorted(os.listdir(output / "checkpoint-8" / "optimizer")) == ["policy-rank0.json", "policy-rank0.safetensors"]
