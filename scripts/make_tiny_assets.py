@@ -1,4 +1,4 @@
-"""Build the offline tiny tokenizer and random Llama checkpoint (see alignment/utils/tiny_assets.py)."""
+"""Build the offline tiny tokenizer and random checkpoints (see alignment/utils/tiny_assets.py)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,14 @@ def main() -> None:
     parser.add_argument("--preset", default="tiny", choices=sorted(MODEL_PRESETS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="example data the tokenizer is trained on")
+    parser.add_argument(
+        "--architectures", nargs="+", default=["llama"], help="model types to build, e.g. llama qwen2 mistral"
+    )
     args = parser.parse_args()
-    print(json.dumps(build_tiny_assets(args.output_dir, preset=args.preset, seed=args.seed, data_dir=args.data_dir), indent=2))
+    paths = build_tiny_assets(
+        args.output_dir, preset=args.preset, seed=args.seed, data_dir=args.data_dir, architectures=args.architectures
+    )
+    print(json.dumps(paths, indent=2))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import pytest
 from paddlenlp.transformers import LlamaConfig, LlamaForCausalLM
 
 from alignment.models import kernels, llama_cpu
-from alignment.models.infer_model_utils import LlamaKVDecoder
+from alignment.models.infer_model_utils import KVDecoder
 from alignment.models.kernels import cpu_model_flag_problems, portable_rms_norm, select_rms_norm
 from alignment.models.ppo_model_utils import gather_log_probabilities, make_position_ids
 from alignment.ppo.infer_utils import generate_rollout
@@ -136,7 +136,7 @@ def test_llama_use_fused_rms_norm_trains_on_cpu():
 
 def decoder_logits(model, ids, mask, response):
     with paddle.no_grad():
-        decoder = LlamaKVDecoder(model, ids, mask, response.shape[1])
+        decoder = KVDecoder(model, ids, mask, response.shape[1])
         logits = [decoder.prefill()]
         for t in range(response.shape[1] - 1):
             logits.append(decoder.step(response[:, t]))

@@ -11,10 +11,10 @@ from paddlenlp.generation.logits_process import RepetitionPenaltyLogitsProcessor
 from paddlenlp.transformers import LlamaConfig, LlamaForCausalLM
 
 from alignment.models.infer_model_utils import (
-    LlamaKVDecoder,
+    KVDecoder,
     check_fused_weight_mapping,
     fused_weight_mapping,
-    llama_decoder_unsupported_reason,
+    kv_decoder_unsupported_reason,
 )
 from alignment.models.ppo_model_utils import gather_log_probabilities, make_position_ids
 from alignment.ppo import infer_utils
@@ -39,9 +39,10 @@ def tiny_llama(num_kv_heads=4, fused=False, seed=7, **overrides) -> LlamaForCaus
     paddle.seed(seed)
     config = LlamaConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=num_kv_heads, max_position_embeddings=64, fuse_attention_qkv=fused,
-        fuse_attention_ffn=fused, **overrides,
+        num_key_value_heads=num_kv_heads, max_position_embeddings=64, **overrides,
     )
+    # Set after construction: paddlenlp 3.0's PretrainedConfig.__init__ resets both flags to False.
+    config.fuse_attention_qkv = config.fuse_attention_ffn = fused
     model = LlamaForCausalLM(config)
     model.eval()
     return model
@@ -131,7 +132,7 @@ def test_decoder_log_probs_match_training_forward(num_kv_heads):
     paddle.seed(3)
     response = paddle.randint(3, VOCAB, [3, steps])
     with paddle.no_grad():
-        decoder = LlamaKVDecoder(model, ids, mask, steps)
+        decoder = KVDecoder(model, ids, mask, steps)
         logits = [decoder.prefill()]
         for t in range(steps - 1):
             logits.append(decoder.step(response[:, t]))
@@ -290,7 +291,7 @@ def test_fused_weight_mapping_refuses_gqa_and_unfuses_qkv():
 def test_unsupported_model_falls_back_to_plain(caplog, monkeypatch):
     monkeypatch.setattr(infer_utils, "_warned", set())
     model = tiny_llama(rope_scaling_type="dynamic_ntk", rope_scaling_factor=2.0)
-    assert "dynamic_ntk" in llama_decoder_unsupported_reason(model)
+    assert "dynamic_ntk" in kv_decoder_unsupported_reason(model)
     ids, mask = prompts()
     with caplog.at_level(logging.WARNING, logger="alignment.ppo.infer_utils"):
         out = greedy(model, ids, mask, "fast", eos_token_id=-1, max_new_tokens=3)

@@ -432,8 +432,13 @@ def test_from_config_and_ema_without_momentum():
 
 
 def test_auto_model_rejects_unknown_architecture():
-    with pytest.raises(ValueError, match=r"No score model for model_type 'gpt'.*\['llama', 'qwen'\]"):
+    from alignment.models.architectures import available_architectures
+
+    with pytest.raises(ValueError, match=r"No score model for model_type 'gpt'.*supported") as error:
         AutoModelForScore.from_config(GPTConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1))
+    assert {"llama", "qwen"} <= set(available_architectures())
+    for model_type in available_architectures():  # every supported one is named
+        assert model_type in str(error.value)
     with pytest.raises(EnvironmentError):
         AutoModelForScore()
 

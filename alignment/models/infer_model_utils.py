@@ -1,6 +1,8 @@
-"""Inference-side models for rollout: the CPU KV-cache decoder for Llama and the GPU fused weight swap.
+"""Inference-side models for rollout: the CPU KV-cache decoder and the GPU fused weight swap.
 
-``LlamaKVDecoder`` is the CPU analogue of upstream's fused-inference weight swap: it is built at the start
+``KVDecoder`` runs every Llama-shaped architecture of :mod:`alignment.models.architectures`
+(``kv_decoder=True``: Llama, Qwen2, Mistral): multi-head or grouped-query attention, optional q/k/v
+biases (Qwen2), tied or separate output embeddings. It is the CPU analogue of upstream's fused-inference weight swap: it is built at the start
 of every rollout from the **current** parameters of the training model (shared tensors, no copy, except
 the fused QKV / gate-up matrices, which are concatenated once per rollout unless the model already uses
 ``fuse_attention_qkv`` / ``fuse_attention_ffn``), then decodes with
@@ -33,12 +35,13 @@ import weakref
 import paddle
 import paddle.nn.functional as F
 
+from alignment.models.architectures import ARCHITECTURES
 from alignment.models.kernels import select_rms_norm
 from alignment.models.ppo_model_utils import make_position_ids
 
 __all__ = [
-    "LlamaKVDecoder",
-    "llama_decoder_unsupported_reason",
+    "KVDecoder",
+    "kv_decoder_unsupported_reason",
     "fused_weight_mapping",
     "fused_runtime_missing",
     "check_fused_weight_mapping",
@@ -47,23 +50,27 @@ __all__ = [
 ]
 
 
-def _llama_parts(model):
-    """``(backbone, lm_head)`` of a paddlenlp Llama causal LM, or ``(None, None)``."""
-    backbone = getattr(model, "llama", None)
+def _decoder_parts(model):
+    """``(backbone, lm_head)`` of a causal LM of a registered architecture, or ``(None, None)``."""
+    architecture = ARCHITECTURES.get(getattr(getattr(model, "config", None), "model_type", None))
+    backbone = getattr(model, architecture.backbone_name, None) if architecture is not None else None
     lm_head = getattr(model, "lm_head", None)
     if backbone is None or lm_head is None or not hasattr(backbone, "layers"):
         return None, None
     return backbone, lm_head
 
 
-def llama_decoder_unsupported_reason(model) -> str | None:
-    """Why ``LlamaKVDecoder`` cannot run ``model`` (a short sentence), or None if it can."""
+def kv_decoder_unsupported_reason(model) -> str | None:
+    """Why ``KVDecoder`` cannot run ``model`` (a short sentence), or None if it can."""
     config = getattr(model, "config", None)
-    if config is None or getattr(config, "model_type", None) != "llama":
-        return f"model type {getattr(config, 'model_type', type(model).__name__)!r} is not llama"
-    backbone, _ = _llama_parts(model)
+    model_type = getattr(config, "model_type", None)
+    architecture = ARCHITECTURES.get(model_type)
+    if config is None or architecture is None or not architecture.kv_decoder:
+        supported = ", ".join(name for name, arch in ARCHITECTURES.items() if arch.kv_decoder)
+        return f"model type {model_type or type(model).__name__!r} is not one it implements ({supported})"
+    backbone, _ = _decoder_parts(model)
     if backbone is None:
-        return f"{type(model).__name__} has no `llama` backbone with an `lm_head`"
+        return f"{type(model).__name__} has no `{architecture.backbone_name}` backbone with an `lm_head`"
     if getattr(config, "tensor_parallel_degree", 1) > 1:
         return "tensor-parallel weights are split across ranks"
     if getattr(config, "alibi", False):
@@ -72,6 +79,8 @@ def llama_decoder_unsupported_reason(model) -> str | None:
         return "long-sequence RoPE strategies are not implemented"
     if getattr(config, "rope_scaling_type", None) not in (None, "linear", "ntk"):
         return f"rope_scaling_type={config.rope_scaling_type!r} is not implemented"
+    if model_type != "llama" and hasattr(backbone.layers[0].self_attn, "qkv_proj"):
+        return f"fuse_attention_qkv is implemented for llama's layout only, not {model_type}'s"
     if backbone.embed_tokens.weight.dtype != paddle.float32:
         return f"weights are {backbone.embed_tokens.weight.dtype}, the CPU decoder runs float32 only"
     return None
@@ -92,6 +101,17 @@ def _fused_qkv_weight(attn, num_kv_heads: int, group: int, head_dim: int) -> pad
     return paddle.concat([q, k, v], axis=-1).reshape([hidden, -1])
 
 
+def _fused_qkv_bias(attn, num_kv_heads: int, group: int, head_dim: int) -> paddle.Tensor | None:
+    """The q/k/v biases (Qwen2) in the layout of :func:`_fused_qkv_weight`, ``[kv_heads * (group + 2) * head_dim]``,
+    or None for bias-free attention."""
+    if not hasattr(attn, "q_proj") or getattr(attn.q_proj, "bias", None) is None:
+        return None  # (a fused qkv_proj is bias-free: only llama's layout is accepted)
+    q = attn.q_proj.bias.reshape([num_kv_heads, group * head_dim])
+    k = attn.k_proj.bias.reshape([num_kv_heads, head_dim])
+    v = attn.v_proj.bias.reshape([num_kv_heads, head_dim])
+    return paddle.concat([q, k, v], axis=-1).reshape([-1])
+
+
 def _fused_gate_up_weight(mlp) -> paddle.Tensor:
     """``[H, 2 * I]`` = ``[gate | up]`` (paddlenlp's ``gate_up_fused_proj`` layout, shared if fused)."""
     if hasattr(mlp, "gate_up_fused_proj"):
@@ -99,25 +119,26 @@ def _fused_gate_up_weight(mlp) -> paddle.Tensor:
     return paddle.concat([mlp.gate_proj.weight, mlp.up_proj.weight], axis=-1)
 
 
-class LlamaKVDecoder:
-    """KV-cached decoding of one left-padded prompt batch with the current weights of a Llama LM.
+class KVDecoder:
+    """KV-cached decoding of one left-padded prompt batch with the current weights of a causal LM
+    (Llama, Qwen2, Mistral; see :func:`kv_decoder_unsupported_reason`).
 
     Usage (one instance per rollout)::
 
-        decoder = LlamaKVDecoder(model, input_ids, attention_mask, max_new_tokens)
+        decoder = KVDecoder(model, input_ids, attention_mask, max_new_tokens)
         logits = decoder.prefill()          # [B, V] float32, next-token logits after the prompt
         for t in range(max_new_tokens - 1):
             logits = decoder.step(tokens)   # tokens: [B] int64, the token chosen at step t
 
-    Numerically this is the training forward (``LlamaForCausalLM.forward`` with ``position_ids =
+    Numerically this is the training forward (``<Arch>ForCausalLM.forward`` with ``position_ids =
     cumsum(mask) - 1`` clipped at 0 and the same additive ``finfo.min`` mask) evaluated incrementally;
     differences are float rounding only (fused RMSNorm, fused matmuls).
     """
 
     def __init__(self, model, input_ids: paddle.Tensor, attention_mask: paddle.Tensor, max_new_tokens: int):
-        reason = llama_decoder_unsupported_reason(model)
+        reason = kv_decoder_unsupported_reason(model)
         if reason is not None:
-            raise ValueError(f"LlamaKVDecoder cannot run this model: {reason}.")
+            raise ValueError(f"KVDecoder cannot run this model: {reason}.")
         if input_ids.ndim != 2 or list(attention_mask.shape) != list(input_ids.shape):
             raise ValueError(
                 f"input_ids must be [B, S] and attention_mask the same shape, got {list(input_ids.shape)} "
@@ -126,7 +147,7 @@ class LlamaKVDecoder:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
         config = model.config
-        backbone, lm_head = _llama_parts(model)
+        backbone, lm_head = _decoder_parts(model)
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         if self.num_heads % self.num_kv_heads:
@@ -144,10 +165,13 @@ class LlamaKVDecoder:
         self.embed = backbone.embed_tokens.weight
         self.final_norm = backbone.norm.weight
         self.lm_head = lm_head.weight
+        # Tied embeddings: the head is the [V, H] embedding matrix, used transposed.
+        self.lm_head_transposed = bool(getattr(lm_head, "transpose_y", False))
         self.layers = [
             (
                 layer.input_layernorm.weight,
                 _fused_qkv_weight(layer.self_attn, self.num_kv_heads, self.group, self.head_dim),
+                _fused_qkv_bias(layer.self_attn, self.num_kv_heads, self.group, self.head_dim),
                 layer.self_attn.o_proj.weight,
                 layer.post_attention_layernorm.weight,
                 _fused_gate_up_weight(layer.mlp),
@@ -217,10 +241,12 @@ class LlamaKVDecoder:
         self.value_cache = [None] * len(self.layers)
 
     # -- one transformer layer on L new tokens --------------------------------------------------------
-    def _attention(self, normed, qkv_weight, out_weight, layer_index, cos, sin, mask, start):
+    def _attention(self, normed, qkv_weight, qkv_bias, out_weight, layer_index, cos, sin, mask, start):
         """Self-attention of ``normed`` [B, L, H] written to cache columns ``[start, start + L)``."""
         batch, length = normed.shape[0], normed.shape[1]
         mix = paddle.matmul(normed, qkv_weight)
+        if qkv_bias is not None:
+            mix = mix + qkv_bias
         if length == 1:  # decode: [B, kv, group + 2, D] is already the attention layout
             mix = mix.reshape([batch, self.num_kv_heads, self.group + 2, self.head_dim])
         else:
@@ -265,13 +291,14 @@ class LlamaKVDecoder:
                 [batch, self.num_kv_heads, self.group * length, self.total_len]
             )
         residual = None
-        for index, (ln1, qkv, out, ln2, gate_up, down) in enumerate(self.layers):
+        for index, (ln1, qkv, qkv_bias, out, ln2, gate_up, down) in enumerate(self.layers):
             normed, residual = self.rms_norm(hidden, ln1, self.eps, residual)
-            attn = self._attention(normed, qkv, out, index, cos, sin, mask, start)
+            attn = self._attention(normed, qkv, qkv_bias, out, index, cos, sin, mask, start)
             normed, residual = self.rms_norm(attn, ln2, self.eps, residual)
             hidden = paddle.matmul(F.swiglu(paddle.matmul(normed, gate_up)), down)
         last = (hidden + residual if length == 1 else hidden[:, -1:] + residual[:, -1:]).reshape([batch, self.hidden])
-        return paddle.matmul(self.rms_norm(last, self.final_norm, self.eps, None)[0], self.lm_head)
+        normed = self.rms_norm(last, self.final_norm, self.eps, None)[0]
+        return paddle.matmul(normed, self.lm_head, transpose_y=self.lm_head_transposed)
 
     def prefill(self) -> paddle.Tensor:
         """Process the prompt; returns ``[B, V]`` float32 logits for the first new token."""
@@ -306,8 +333,8 @@ def fused_runtime_missing() -> str | None:
         return "paddlenlp_ops is not installed"
     try:
         from paddlenlp.experimental.transformers import LlamaForCausalLMInferenceModel  # noqa: F401
-    except ImportError as error:
-        return f"paddlenlp.experimental.transformers cannot be imported ({error})"
+    except Exception as error:  # noqa: BLE001 - paddlenlp 3.0's module fails on wheels without fused_moe
+        return f"paddlenlp.experimental.transformers cannot be imported ({type(error).__name__}: {error})"
     return None
 
 
@@ -318,7 +345,7 @@ def check_fused_weight_mapping(model) -> None:
     only, so GQA/MQA models (``num_key_value_heads < num_attention_heads``) are refused.
     """
     config = getattr(model, "config", None)
-    if config is None or getattr(config, "model_type", None) != "llama" or _llama_parts(model)[0] is None:
+    if config is None or getattr(config, "model_type", None) != "llama" or _decoder_parts(model)[0] is None:
         raise ValueError("only Llama causal LMs have a fused inference model")
     if config.num_key_value_heads != config.num_attention_heads:
         raise ValueError(
@@ -464,13 +491,16 @@ class FusedInferenceModel:
         if not stop_at_eos:
             inputs["eos_token_id"] = paddle.to_tensor([-1], dtype="int64")
         recorder = _RecordContext()
-        # ``save_with_output`` streams every step to a file for serving; rollouts do not want that I/O.
-        save_with_output = generation_utils.save_with_output
-        generation_utils.save_with_output = lambda *args, **kwargs: None
+        # ``save_with_output`` (paddlenlp 2.8.1; gone in 3.0) streams every step to a file for serving;
+        # rollouts do not want that I/O.
+        save_with_output = getattr(generation_utils, "save_with_output", None)
+        if save_with_output is not None:
+            generation_utils.save_with_output = lambda *args, **kwargs: None
         try:
             last_tokens = self.infer_model.generate(**inputs, logits_processors=LogitsProcessorList([recorder]))[0]
         finally:
-            generation_utils.save_with_output = save_with_output
+            if save_with_output is not None:
+                generation_utils.save_with_output = save_with_output
         # all_input_ids = prompt ids || tokens of steps 1..N-1; the last step's tokens are returned.
         generated = paddle.concat([recorder.all_input_ids[:, input_ids.shape[1] :], last_tokens], axis=1)
         return generated[:, :max_new_tokens].astype("int64")

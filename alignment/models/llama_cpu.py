@@ -1,4 +1,4 @@
-"""Faster CPU versions of three PaddleNLP Llama building blocks (patches for paddlenlp 2.8.1).
+"""Faster CPU versions of three PaddleNLP Llama building blocks (patches for paddlenlp 2.8.1 and 3.0).
 
 Profiling a 4-layer Llama (hidden 256) forward on [8, 96] tokens on a 2-core AMD EPYC with Paddle
 3.3.1's CPU wheel showed that the matmuls took a third of the time; the rest was three element-wise
@@ -108,16 +108,26 @@ def _scaled_dot_product_attention(
     sequence_parallel=False,
     reshard_layer=None,
     npu_is_casual=False,
+    attn_mask_startend_row_indices=None,
+    **kwargs,
 ):
     """The eager (non-flash) attention of paddlenlp with ``einsum`` instead of transposed matmuls.
 
     ``query/key/value_states``: ``[b, s, heads, d]`` (keys already repeated for GQA);
     ``attention_mask``: additive, ``[b, 1, s, kv]``. Returns ``[b, s, heads * d]``.
+    Every keyword of either paddlenlp version is accepted (3.0 adds ``attn_mask_startend_row_indices``
+    and ``skip_recompute``); cases this version does not cover go to the original function.
     """
-    if config.use_flash_attention or alibi is not None or reshard_layer is not None or output_attentions or attention_mask is None:
+    if (
+        config.use_flash_attention or alibi is not None or reshard_layer is not None or output_attentions
+        or attention_mask is None or attn_mask_startend_row_indices is not None
+    ):  # fmt: skip
+        if attn_mask_startend_row_indices is not None:  # paddlenlp 2.8.1 does not know the keyword
+            kwargs["attn_mask_startend_row_indices"] = attn_mask_startend_row_indices
         return _ORIGINALS["scaled_dot_product_attention"](
             query_states, config, key_states, value_states, attention_mask, output_attentions,
             alibi=alibi, sequence_parallel=sequence_parallel, reshard_layer=reshard_layer, npu_is_casual=npu_is_casual,
+            **kwargs,
         )  # fmt: skip
     bsz, q_len, num_heads, head_dim = query_states.shape
     kv_len = value_states.shape[1]

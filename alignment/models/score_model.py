@@ -7,8 +7,10 @@ score model directly: ``lm_head.weight`` is reported as unused and a fresh score
 Score checkpoints (``save_pretrained``) hold ``score_head.*`` and the normalizer buffers, and their
 config records the score options plus ``architectures = ["<Name>ModelForScore"]``.
 
-Adding an architecture = a four-line :class:`BackboneScoreModel` subclass (backbone attribute, embeddings
-attribute, constructor) + one entry in :data:`MODEL_FOR_SCORE_MAPPING`.
+Every architecture of :mod:`alignment.models.architectures` that the installed PaddleNLP provides gets
+its class (``LlamaModelForScore``, ``Qwen2ModelForScore``, ``MistralModelForScore``,
+``GemmaModelForScore``, ``QWenModelForScore``) in :data:`MODEL_FOR_SCORE_MAPPING`; adding an
+architecture there adds its score model.
 """
 
 from __future__ import annotations
@@ -17,19 +19,10 @@ import copy
 from typing import Optional
 
 import paddle
-from paddlenlp.transformers import (
-    AutoConfig,
-    LlamaConfig,
-    LlamaModel,
-    LlamaPretrainedModel,
-    PretrainedConfig,
-    PretrainedModel,
-    QWenConfig,
-    QWenModel,
-    QWenPretrainedModel,
-)
+from paddlenlp.transformers import AutoConfig, LlamaPretrainedModel, PretrainedConfig, PretrainedModel, QWenPretrainedModel
 from paddlenlp.transformers.conversion_utils import StateDictNameMapping, init_name_mappings
 
+from alignment.models.architectures import ARCHITECTURES, DecoderArchitecture, available_architectures
 from alignment.models.score_model_utils import ScoreModelMixin
 
 __all__ = ["BackboneScoreModel", "LlamaModelForScore", "QWenModelForScore", "MODEL_FOR_SCORE_MAPPING", "AutoModelForScore"]
@@ -44,12 +37,28 @@ def _without_lm_head(mappings: dict) -> dict:
 class BackboneScoreModel(ScoreModelMixin):
     """A causal-LM backbone (attribute :attr:`backbone_name`) followed by the score head.
 
-    A subclass also derives from the architecture's ``PretrainedModel`` and builds the backbone under
-    the same attribute name as the causal LM, so causal-LM checkpoints load as they are.
+    A subclass also derives from the architecture's ``PretrainedModel`` and sets :attr:`architecture`;
+    the backbone is built under the same attribute name as in the causal LM, so causal-LM checkpoints
+    load as they are.
     """
 
-    backbone_name: str
-    embeddings_name: str
+    architecture: DecoderArchitecture
+
+    def _build(self, config: PretrainedConfig, **kwargs) -> None:
+        """The constructor's body. Each concrete class defines its own ``__init__`` calling this:
+        paddlenlp's metaclass runs the weight initialisation only after an ``__init__`` that the
+        class itself defines."""
+        super().__init__(config)
+        setattr(self, self.backbone_name, self.architecture.backbone_class(config))
+        self.init_score_head(config, hidden_size=config.hidden_size, **kwargs)
+
+    @property
+    def backbone_name(self) -> str:
+        return self.architecture.backbone_name
+
+    @property
+    def embeddings_name(self) -> str:
+        return self.architecture.embeddings_name
 
     @property
     def backbone(self) -> paddle.nn.Layer:
@@ -64,6 +73,20 @@ class BackboneScoreModel(ScoreModelMixin):
     @classmethod
     def _get_tensor_parallel_mappings(cls, config: PretrainedConfig, is_split: bool = True) -> dict:
         return _without_lm_head(super()._get_tensor_parallel_mappings(config, is_split=is_split))
+
+    @classmethod
+    def _get_name_mappings(cls, config: PretrainedConfig) -> list[StateDictNameMapping]:
+        """Hugging Face (torch) names -> ours, for ``from_pretrained(..., convert_from_torch=True)`` of
+        safe-rlhf score checkpoints (e.g. PKU-Alignment/beaver-7b-v1.0-reward): ``model.*`` -> backbone,
+        ``score_head.weight`` transposed, normalizer buffers as they are; no LM head."""
+        if config.architectures is None:  # the parent tests membership in it
+            config = copy.copy(config)
+            config.architectures = [cls.__name__]
+        mappings = [m for m in super()._get_name_mappings(config) if m.source_name != "lm_head.weight"]
+        extra = [["score_head.weight", None, "transpose"], ["score_head.bias"]]
+        extra += [[f"normalizer.{name}"] for name in ("mean", "var", "count")]
+        init_name_mappings(extra)
+        return mappings + [StateDictNameMapping(*mapping, index=len(mappings) + i) for i, mapping in enumerate(extra)]
 
     def forward(
         self,
@@ -102,44 +125,41 @@ class BackboneScoreModel(ScoreModelMixin):
 class LlamaModelForScore(BackboneScoreModel, LlamaPretrainedModel):
     """Llama backbone (``self.llama``) + ``score_head``: ``forward`` returns per-token and end scores."""
 
-    backbone_name, embeddings_name = "llama", "embed_tokens"
+    architecture = ARCHITECTURES["llama"]
 
-    def __init__(self, config: LlamaConfig, **kwargs) -> None:
-        super().__init__(config)
-        self.llama = LlamaModel(config)
-        self.init_score_head(config, hidden_size=config.hidden_size, **kwargs)
-
-    @classmethod
-    def _get_name_mappings(cls, config: LlamaConfig) -> list[StateDictNameMapping]:
-        """Hugging Face (torch) names -> ours, for ``from_pretrained(..., convert_from_torch=True)`` of
-        safe-rlhf score checkpoints (e.g. PKU-Alignment/beaver-7b-v1.0-reward): ``model.*`` -> ``llama.*``,
-        ``score_head.weight`` transposed, normalizer buffers as they are; no LM head."""
-        if config.architectures is None:  # the parent tests membership in it
-            config = copy.copy(config)
-            config.architectures = [cls.__name__]
-        mappings = [m for m in super()._get_name_mappings(config) if m.source_name != "lm_head.weight"]
-        extra = [["score_head.weight", None, "transpose"], ["score_head.bias"]]
-        extra += [[f"normalizer.{name}"] for name in ("mean", "var", "count")]
-        init_name_mappings(extra)
-        return mappings + [StateDictNameMapping(*mapping, index=len(mappings) + i) for i, mapping in enumerate(extra)]
+    def __init__(self, config: PretrainedConfig, **kwargs) -> None:
+        self._build(config, **kwargs)
 
 
 class QWenModelForScore(BackboneScoreModel, QWenPretrainedModel):
     """QWen (v1) backbone (``self.qwen``) + ``score_head``."""
 
-    backbone_name, embeddings_name = "qwen", "wte"
+    architecture = ARCHITECTURES["qwen"]
 
-    def __init__(self, config: QWenConfig, **kwargs) -> None:
-        super().__init__(config)
-        self.qwen = QWenModel(config)
-        self.init_score_head(config, hidden_size=config.hidden_size, **kwargs)
+    def __init__(self, config: PretrainedConfig, **kwargs) -> None:
+        self._build(config, **kwargs)
 
 
-MODEL_FOR_SCORE_MAPPING: dict[str, type[PretrainedModel]] = {
-    "llama": LlamaModelForScore,
-    "qwen": QWenModelForScore,
-}
-"""``config.model_type`` -> score-model class. One entry per supported architecture."""
+def _score_model_class(architecture: DecoderArchitecture) -> type[PretrainedModel]:
+    """``<Prefix>ModelForScore``: :class:`BackboneScoreModel` on the architecture's ``PretrainedModel``."""
+    name = f"{architecture.prefix}ModelForScore"
+    doc = f"{architecture.prefix} backbone (``self.{architecture.backbone_name}``) + ``score_head``."
+    bases = (BackboneScoreModel, architecture.pretrained_model_class)
+
+    def __init__(self, config: PretrainedConfig, **kwargs) -> None:
+        self._build(config, **kwargs)
+
+    attrs = {"architecture": architecture, "__init__": __init__, "__doc__": doc, "__module__": __name__}
+    return type(name, bases, attrs)
+
+
+MODEL_FOR_SCORE_MAPPING: dict[str, type[PretrainedModel]] = {"llama": LlamaModelForScore, "qwen": QWenModelForScore}
+"""``config.model_type`` -> score-model class, for every available architecture."""
+for _model_type in available_architectures():
+    if _model_type not in MODEL_FOR_SCORE_MAPPING:
+        MODEL_FOR_SCORE_MAPPING[_model_type] = _score_model_class(ARCHITECTURES[_model_type])
+        globals()[MODEL_FOR_SCORE_MAPPING[_model_type].__name__] = MODEL_FOR_SCORE_MAPPING[_model_type]
+        __all__.append(MODEL_FOR_SCORE_MAPPING[_model_type].__name__)
 
 
 class AutoModelForScore:
@@ -167,7 +187,8 @@ class AutoModelForScore:
                 return by_name[architecture]
         raise ValueError(
             f"No score model for model_type {model_type!r} (architectures "
-            f"{getattr(config, 'architectures', None)}); supported model types: {sorted(MODEL_FOR_SCORE_MAPPING)}"
+            f"{getattr(config, 'architectures', None)}); supported model types with this paddlenlp: "
+            f"{', '.join(MODEL_FOR_SCORE_MAPPING)}"
         )
 
     @classmethod

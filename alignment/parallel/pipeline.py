@@ -1,4 +1,4 @@
-"""Pipeline parallel for Llama-family causal LMs in dygraph, over plain ``send``/``recv`` (runs on CPU/gloo).
+"""Pipeline parallel for Llama-family causal LMs (Llama, Qwen2, Mistral) in dygraph, over plain ``send``/``recv`` (runs on CPU/gloo).
 
 Design note
 -----------
@@ -220,6 +220,16 @@ class PipelineStage(nn.Layer):
                     setattr(self, name, child)
         setattr(self, prefix, body)
 
+    def _decoder_mask(self, attention_mask, shape, hidden_states) -> paddle.Tensor:
+        """The base model's 4-D additive mask. Llama and Qwen2 take ``(mask, shape, past_len, dtype)``;
+        Mistral's method takes ``(mask, shape, inputs_embeds, past_len)``."""
+        import inspect
+
+        parameters = list(inspect.signature(self._prepare_decoder_attention_mask).parameters)
+        if "inputs_embeds" in parameters:
+            return self._prepare_decoder_attention_mask(attention_mask, shape, hidden_states, 0)
+        return self._prepare_decoder_attention_mask(attention_mask, shape, 0, hidden_states.dtype)
+
     @property
     def body(self) -> nn.Layer:
         return getattr(self, self._prefix)
@@ -240,9 +250,9 @@ class PipelineStage(nn.Layer):
         position_ids = batch.get("position_ids")
         if position_ids is None:
             position_ids = paddle.arange(seq_len, dtype="int64").expand([batch_size, seq_len])
-        mask = self._prepare_decoder_attention_mask(attention_mask, (batch_size, seq_len), 0, hidden_states.dtype)
-        for layer in self.body.layers.values():
-            out = layer(hidden_states, position_ids, mask)
+        mask = self._decoder_mask(attention_mask, (batch_size, seq_len), hidden_states)
+        for layer in self.body.layers.values():  # keywords: Mistral's layer takes the mask second
+            out = layer(hidden_states, position_ids=position_ids, attention_mask=mask)
             hidden_states = out[0] if isinstance(out, tuple) else out
         if not self.is_last:
             return hidden_states

@@ -1,7 +1,7 @@
 """Rollout generation for PPO: one entry point, ``generate_rollout``, over three backends.
 
 * ``"plain"``: paddlenlp's dygraph ``model.generate`` (reference semantics, any model).
-* ``"fast"``:  the CPU KV-cache decoder ``LlamaKVDecoder`` (Llama only) driven by a host-side token loop
+* ``"fast"``:  the CPU KV-cache decoder ``KVDecoder`` (Llama, Qwen2, Mistral) driven by a host-side token loop
   whose token selection reproduces paddlenlp's ``greedy_search`` / ``sample`` (same processors in the same
   order; greedy is token-for-token identical, sampling has the same distribution but its own random
   stream: a NumPy generator seeded from Paddle's, so ``paddle.seed`` still makes it reproducible).
@@ -29,11 +29,11 @@ import paddle
 
 from alignment.models.infer_model_utils import (
     FusedInferenceModel,
-    LlamaKVDecoder,
+    KVDecoder,
     check_fused_weight_mapping,
     fused_runtime_missing,
     fused_sampling_unsupported_reason,
-    llama_decoder_unsupported_reason,
+    kv_decoder_unsupported_reason,
 )
 from alignment.models.ppo_model_utils import make_position_ids, make_response_mask
 from alignment.utils.env import cpu_path_summary
@@ -235,13 +235,13 @@ def _generate_plain(model, input_ids, attention_mask, max_new_tokens, params, eo
 def _generate_fast(
     model, input_ids, attention_mask, max_new_tokens, params, eos_token_id, pad_token_id, stop_at_eos, progress=False
 ):
-    """Host-side token loop over ``LlamaKVDecoder``; token selection in NumPy (see above).
+    """Host-side token loop over ``KVDecoder``; token selection in NumPy (see above).
 
     The sampler's NumPy generator is seeded from Paddle's global generator, so ``paddle.seed`` makes
     rollouts reproducible.
     """
     rng = np.random.default_rng(int(paddle.randint(0, 2**31 - 1, [1])))
-    decoder = LlamaKVDecoder(model, input_ids, attention_mask, max_new_tokens)
+    decoder = KVDecoder(model, input_ids, attention_mask, max_new_tokens)
     _info_once(f"rollout: fast CPU decoder, {cpu_path_summary()}")
     logits = decoder.prefill()
     presence = None
@@ -292,7 +292,7 @@ def resolve_backend(model, backend: str, params: SamplingParams) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
     if backend == "plain":
         return "plain"
-    fast_reason = llama_decoder_unsupported_reason(model)
+    fast_reason = kv_decoder_unsupported_reason(model)
     fallback = "fast" if fast_reason is None else "plain"
     if backend in ("auto", "fused"):
         fused_reason = fused_runtime_missing()

@@ -26,6 +26,7 @@ from typing import Any, Optional
 from paddlenlp.trainer import TrainingArguments as PaddleTrainingArguments
 
 from alignment.data.arguments import DataArgument as BaseDataArgument
+from alignment.models.architectures import check_architecture
 from alignment.utils.config import Problems, looks_like_local_path
 from alignment.utils.stage import check_cpu_model_flags
 
@@ -322,6 +323,8 @@ def validate_arguments(model_args: ModelArgument, data_args: DataArgument, args:
 
     check_chat_template_argument(problems, data_args.chat_template, data_args.system_prompt)
     problems.check(model_args.actor_model_name_or_path is not None, "actor_model_name_or_path", "is required")
+    for name in ("actor_model_name_or_path", "reward_model_name_or_path", "reward_critic_model_name_or_path"):
+        check_architecture(problems, name, getattr(model_args, name))  # config.json only
     has_text_reward = bool(model_args.reward_functions or model_args.reward_server)
     if uses_critic(args):
         problems.check(

@@ -31,6 +31,7 @@ from alignment.rm.reward_trainer import RewardTrainer, RewardTrainingArguments
 from alignment.data.chat_template import check_chat_template_argument
 from alignment.models.hf_convert import resolve_model_arguments
 from alignment.utils.config import ConfigError, Problems, parse_arguments, run_entry_point
+from alignment.models.architectures import check_architecture
 from alignment.utils.env import setup_cpu_runtime
 from alignment.utils.metrics import JsonlLoggingCallback
 from alignment.utils.signals import exit_after_distributed_run, exit_clearly_on_sigterm
@@ -118,6 +119,7 @@ def check_arguments(
     )
     problems.check(bool(model_args.model_name_or_path), "model_name_or_path", "required")
     check_chat_template_argument(problems, data_args.chat_template, data_args.system_prompt)
+    check_architecture(problems, "model_name_or_path", model_args.model_name_or_path)
     check_data_arguments(problems, data_args, training_args, example="PKU-SafeRLHF/train:1:data/safe_rlhf/train.jsonl")
     if training_args.metric_for_best_model is not None and training_args.load_best_model_at_end:
         known = ("accuracy", "rewards_mean", "rewards_std", "loss")

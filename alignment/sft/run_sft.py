@@ -33,6 +33,7 @@ from alignment.sft.sft_trainer import SFTTrainer
 from alignment.data.chat_template import check_chat_template_argument
 from alignment.models.hf_convert import resolve_model_arguments
 from alignment.utils.config import ConfigError, Problems, parse_arguments, run_entry_point
+from alignment.models.architectures import check_architecture
 from alignment.utils.env import setup_cpu_runtime
 from alignment.utils.metrics import JsonlLoggingCallback
 from alignment.utils.signals import exit_after_distributed_run, exit_clearly_on_sigterm
@@ -125,6 +126,7 @@ def check_arguments(model_args: ModelArgument, data_args: DataArgument, training
     )
     problems.check(bool(model_args.model_name_or_path), "model_name_or_path", "required")
     check_chat_template_argument(problems, data_args.chat_template, data_args.system_prompt)
+    check_architecture(problems, "model_name_or_path", model_args.model_name_or_path)
     check_data_arguments(problems, data_args, training_args, example="alpaca:1:data/alpaca/train.jsonl")
     problems.check(
         training_args.pipeline_parallel_degree <= 1,

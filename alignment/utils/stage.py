@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import paddle.distributed as dist
-from paddlenlp.trainer import TrainingArguments
+from paddlenlp.trainer import TrainerCallback, TrainingArguments
 from paddlenlp.trainer.trainer_utils import ShardingOption
 from paddlenlp.transformers.model_utils import unwrap_model
 
@@ -269,6 +269,8 @@ def save_pretrained_final(trainer: Any, output_dir: Optional[str] = None) -> str
 def run_stage(trainer: Any, training_args: Any, resume: Optional[str], save_final: Callable[[Any], Any]) -> dict[str, float]:
     """Train (optionally after a baseline evaluation), save the final model, evaluate; return metrics."""
     metrics: dict[str, float] = {}
+    history = _LogHistory()
+    trainer.add_callback(history)
     if training_args.do_train:
         if training_args.eval_before_training and resume is None:
             initial = {f"initial_{key}": value for key, value in trainer.evaluate().items()}  # logged at step 0
@@ -281,7 +283,7 @@ def run_stage(trainer: Any, training_args: Any, resume: Optional[str], save_fina
         trainer.save_state()
         save_final(trainer)
     if training_args.do_eval:
-        eval_metrics = _evaluation_at_current_step(trainer) or trainer.evaluate()
+        eval_metrics = _evaluation_at_current_step(trainer, history.records) or trainer.evaluate()
         metrics.update(eval_metrics)
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
@@ -290,9 +292,20 @@ def run_stage(trainer: Any, training_args: Any, resume: Optional[str], save_fina
     return metrics
 
 
-def _evaluation_at_current_step(trainer: Any) -> Optional[dict[str, float]]:
+class _LogHistory(TrainerCallback):
+    """Every record passed to ``Trainer.log``, with its step: paddlenlp 3.0's ``Trainer.log`` empties
+    ``state.log_history`` on every call, so the stage keeps its own."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: D401 - paddlenlp hook
+        self.records.append({**(logs or {}), "step": state.global_step})
+
+
+def _evaluation_at_current_step(trainer: Any, records: list[dict[str, Any]]) -> Optional[dict[str, float]]:
     """The evaluation the Trainer already ran at the final step (e.g. the last epoch's), if any."""
-    for record in reversed(trainer.state.log_history):
+    for record in reversed(records):
         if record.get("step") != trainer.state.global_step:
             break
         if "eval_loss" in record:

@@ -1,13 +1,17 @@
-"""Offline tiny assets: a SentencePiece Llama tokenizer and random tiny Llama checkpoints.
+"""Offline tiny assets: a SentencePiece Llama tokenizer and random tiny decoder checkpoints.
 
 Nothing here downloads anything. The tokenizer is trained on the repository's example data
-(``data/``) and the models are random ``LlamaForCausalLM`` weights saved with
-``save_pretrained(safe_serialization=True)``; both are deterministic for a given seed, so tests and
-the CPU quick start can rebuild them anywhere::
+(``data/``) and the models are random causal LMs (``LlamaForCausalLM`` by default; any architecture
+of :mod:`alignment.models.architectures` that the installed paddlenlp provides, e.g. ``qwen2``,
+``mistral``) saved with ``save_pretrained(safe_serialization=True)``; both are deterministic for a
+given seed, so tests and the CPU quick start can rebuild them anywhere::
 
     python scripts/make_tiny_assets.py --output-dir assets/tiny
     # -> assets/tiny/tokenizer/  (AutoTokenizer.from_pretrained)
     #    assets/tiny/llama/      (AutoModelForCausalLM.from_pretrained; tokenizer files included)
+
+The tiny SentencePiece tokenizer serves every architecture (the model only needs its vocabulary size
+and special ids).
 """
 
 from __future__ import annotations
@@ -21,12 +25,23 @@ import string
 import tempfile
 from typing import Any, Iterable
 
-__all__ = ["MODEL_PRESETS", "training_corpus", "build_tokenizer", "build_model", "build_tiny_assets"]
+__all__ = ["MODEL_PRESETS", "ARCHITECTURE_DEFAULTS", "training_corpus", "build_tokenizer", "build_model", "build_tiny_assets"]
 
 #: Shapes of the random models. "tiny" keeps unit tests fast; "small" is the quick start's model.
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
     "small": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4),
+}
+
+#: What each architecture's tiny model adds to the preset shape, so that the tests exercise the
+#: features the family is known for: Qwen2 has grouped-query attention, q/k/v biases (always, in its
+#: layer) and tied input/output embeddings like the small Qwen2 models; Mistral has grouped-query
+#: attention. Llama stays multi-head (overrides add GQA or tied embeddings where wanted).
+ARCHITECTURE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "qwen2": dict(num_key_value_heads=2, tie_word_embeddings=True),
+    "mistral": dict(num_key_value_heads=2),
+    "gemma": dict(num_key_value_heads=1),
 }
 
 DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "data")
@@ -93,17 +108,26 @@ def build_model(
     preset: str = "tiny",
     seed: int = 0,
     max_position_embeddings: int = 512,
+    architecture: str = "llama",
     **overrides: Any,
 ) -> str:
-    """Save a random ``LlamaForCausalLM`` of ``preset`` shape (plus the tokenizer) to ``output_dir``."""
+    """Save a random causal LM of ``architecture`` and ``preset`` shape (plus the tokenizer) to ``output_dir``.
+
+    ``overrides`` are config fields on top of the preset and :data:`ARCHITECTURE_DEFAULTS`.
+    """
     import paddle
-    from paddlenlp.transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from paddlenlp.transformers import AutoTokenizer
+
+    from alignment.models.architectures import get_architecture
 
     if preset not in MODEL_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(MODEL_PRESETS)}")
+    family = get_architecture(architecture)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    shape = {**MODEL_PRESETS[preset], **overrides}
-    config = LlamaConfig(
+    shape = {**MODEL_PRESETS[preset], **ARCHITECTURE_DEFAULTS.get(architecture, {}), **overrides}
+    if architecture == "gemma":  # Gemma's head size is a field of its own
+        shape.setdefault("head_dim", shape["hidden_size"] // shape["num_attention_heads"])
+    config = family.config_class(
         vocab_size=len(tokenizer),
         max_position_embeddings=max_position_embeddings,
         seq_length=max_position_embeddings,
@@ -115,15 +139,26 @@ def build_model(
     )
     paddle.seed(seed)
     with paddle.utils.unique_name.guard():
-        model = LlamaForCausalLM(config)
+        model = family.causal_lm_class(config)
     model.save_pretrained(output_dir, safe_serialization=True)
     for name in os.listdir(tokenizer_dir):  # ship the tokenizer with the checkpoint, as hub models do
         shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(output_dir, name))
     return output_dir
 
 
-def build_tiny_assets(output_dir: str, preset: str = "tiny", seed: int = 0, data_dir: str = DEFAULT_DATA_DIR) -> dict[str, str]:
-    """Tokenizer and random Llama under ``output_dir``; returns their paths."""
+def build_tiny_assets(
+    output_dir: str,
+    preset: str = "tiny",
+    seed: int = 0,
+    data_dir: str = DEFAULT_DATA_DIR,
+    architectures: Iterable[str] = ("llama",),
+) -> dict[str, str]:
+    """Tokenizer and one random model per architecture under ``output_dir``; returns their paths
+    (``{"tokenizer": ..., "llama": ..., "qwen2": ...}``)."""
     tokenizer_dir = build_tokenizer(os.path.join(output_dir, "tokenizer"), training_corpus(data_dir))
-    model_dir = build_model(os.path.join(output_dir, "llama"), tokenizer_dir, preset=preset, seed=seed)
-    return {"tokenizer": tokenizer_dir, "llama": model_dir}
+    paths = {"tokenizer": tokenizer_dir}
+    for architecture in architectures:
+        paths[architecture] = build_model(
+            os.path.join(output_dir, architecture), tokenizer_dir, preset=preset, seed=seed, architecture=architecture
+        )
+    return paths
