@@ -20,30 +20,32 @@ from alignment.data.base import DatasetError
 __all__ = ["import_custom_dataset_modules"]
 
 
-def import_custom_dataset_modules(modules: str | Iterable[str] | None) -> list[ModuleType]:
-    """Import every module or ``.py`` file in ``modules``; returns the imported modules."""
+def import_custom_dataset_modules(modules: str | Iterable[str] | None, argument: str = "custom_dataset_modules") -> list[ModuleType]:
+    """Import every module or ``.py`` file in ``modules``; returns the imported modules.
+
+    ``argument`` names the field in error messages (``custom_reward_modules`` reuses this importer)."""
     if not modules:
         return []
     entries = [m.strip() for m in modules.split(",")] if isinstance(modules, str) else [m.strip() for m in modules]
     imported = []
     for entry in filter(None, entries):
         if entry.endswith(".py") or os.sep in entry:
-            imported.append(_import_file(entry))
+            imported.append(_import_file(entry, argument))
         else:
             try:
                 imported.append(importlib.import_module(entry))
             except ImportError as error:
                 raise DatasetError(
-                    f"custom_dataset_modules: cannot import {entry!r}: {error}. Give a module importable from "
+                    f"{argument}: cannot import {entry!r}: {error}. Give a module importable from "
                     "the current directory / PYTHONPATH, or a path to a .py file"
                 ) from error
     return imported
 
 
-def _import_file(path: str) -> ModuleType:
+def _import_file(path: str, argument: str = "custom_dataset_modules") -> ModuleType:
     full = os.path.abspath(os.path.expanduser(path))
     if not os.path.isfile(full):
-        raise DatasetError(f"custom_dataset_modules: file {path!r} does not exist")
+        raise DatasetError(f"{argument}: file {path!r} does not exist")
     digest = hashlib.sha1(full.encode()).hexdigest()[:10]
     name = f"alignment_custom_{os.path.splitext(os.path.basename(full))[0]}_{digest}"
     if name in sys.modules:

@@ -24,9 +24,10 @@ token early; :func:`make_response_mask` keeps the first EOS valid instead.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
+import numpy as np
 import paddle
 import paddle.nn.functional as F
 
@@ -47,6 +48,15 @@ __all__ = [
     "critic_loss_fn",
     "ptx_loss_fn",
     "kl_divergence_per_sequence",
+    "KL_ESTIMATORS",
+    "kl_penalty",
+    "entropy_from_logits",
+    "ratio_clip_fraction",
+    "register_advantage_estimator",
+    "get_advantage_estimator",
+    "registered_advantage_estimators",
+    "sequence_scores",
+    "whiten",
 ]
 
 LossMeanType = Literal["token", "sequence"]
@@ -446,6 +456,9 @@ def actor_loss_fn(
     mask: paddle.Tensor,
     clip_range_ratio: float,
     loss_mean_type: LossMeanType = "token",
+    *,
+    clip_range_ratio_low: float | None = None,
+    clip_range_ratio_high: float | None = None,
 ) -> paddle.Tensor:
     """PPO clipped policy loss.
 
@@ -455,22 +468,58 @@ def actor_loss_fn(
         mask: ``[B, T]`` valid positions.
         clip_range_ratio: epsilon > 0.
         loss_mean_type: see :func:`masked_loss_mean`.
+        clip_range_ratio_low, clip_range_ratio_high: asymmetric clip ``(1 - low, 1 + high)``; each
+            defaults to ``clip_range_ratio``.
 
-    ``ratio = exp(logp - logp_old)``; per token ``max(-A * ratio, -A * clip(ratio, 1-eps, 1+eps))``
+    ``ratio = exp(logp - logp_old)``; per token ``max(-A * ratio, -A * clip(ratio, 1-low, 1+high))``
     (the negated PPO surrogate); reduced to a float32 scalar.
     """
     _check_tensor("log_probs", log_probs, ndim=2)
     _check_same_shape(
         "log_probs", log_probs, old_log_probs=old_log_probs, advantages=advantages, mask=mask
     )
-    _check_positive("clip_range_ratio", clip_range_ratio)
+    low, high = _clip_bounds(clip_range_ratio, clip_range_ratio_low, clip_range_ratio_high)
     _check_loss_mean_type(loss_mean_type)
 
     advantages = _as_float(advantages.detach())
     ratio = paddle.exp(_as_float(log_probs) - _as_float(old_log_probs.detach()))
-    clipped_ratio = paddle.clip(ratio, 1.0 - clip_range_ratio, 1.0 + clip_range_ratio)
+    clipped_ratio = paddle.clip(ratio, 1.0 - low, 1.0 + high)
     per_token = paddle.maximum(-advantages * ratio, -advantages * clipped_ratio)
     return masked_loss_mean(per_token, mask, loss_mean_type)
+
+
+def _clip_bounds(clip_range_ratio: float, low: float | None, high: float | None) -> tuple[float, float]:
+    _check_positive("clip_range_ratio", clip_range_ratio)
+    low = clip_range_ratio if low is None else low
+    high = clip_range_ratio if high is None else high
+    _check_positive("clip_range_ratio_low", low)
+    _check_positive("clip_range_ratio_high", high)
+    if not low < 1:
+        raise ValueError(f"`clip_range_ratio_low` must be < 1 (the ratio floor is 1 - low), got {low}.")
+    return low, high
+
+
+def ratio_clip_fraction(
+    log_probs: paddle.Tensor,
+    old_log_probs: paddle.Tensor,
+    advantages: paddle.Tensor,
+    mask: paddle.Tensor,
+    clip_range_ratio: float,
+    *,
+    clip_range_ratio_low: float | None = None,
+    clip_range_ratio_high: float | None = None,
+) -> paddle.Tensor:
+    """Share of valid tokens whose PPO term is clipped (the clipped surrogate is strictly the larger).
+
+    Args: as :func:`actor_loss_fn`, all ``[B, T]``. Returns a float32 scalar in [0, 1] (0 without
+    valid tokens): the fraction of tokens that get no gradient from the ratio.
+    """
+    _check_same_shape("log_probs", log_probs, old_log_probs=old_log_probs, advantages=advantages, mask=mask)
+    low, high = _clip_bounds(clip_range_ratio, clip_range_ratio_low, clip_range_ratio_high)
+    advantages = _as_float(advantages.detach())
+    ratio = paddle.exp(_as_float(log_probs.detach()) - _as_float(old_log_probs.detach()))
+    clipped = -advantages * paddle.clip(ratio, 1.0 - low, 1.0 + high) > -advantages * ratio
+    return masked_mean(clipped.astype(_FLOAT), mask)
 
 
 def critic_loss_fn(
@@ -551,3 +600,215 @@ def kl_divergence_per_sequence(
     _check_same_shape("log_probs", log_probs, ref_log_probs=ref_log_probs, mask=mask)
     kl = _as_float(log_probs) - _as_float(ref_log_probs)
     return paddle.sum(_masked_fill_zero(kl, mask), axis=-1)
+
+
+def entropy_from_logits(logits: paddle.Tensor) -> paddle.Tensor:
+    """Entropy (nats) of the softmax of each position's logits.
+
+    Args:
+        logits: ``[B, T, V]`` any float dtype (computed in float32).
+
+    Returns:
+        ``[B, T]`` float32, ``H = logsumexp(z) - sum(softmax(z) * z)`` (differentiable).
+    """
+    _check_tensor("logits", logits, ndim=3)
+    logits = _as_float(logits)
+    row_max = logits.max(axis=-1, keepdim=True).detach()
+    shifted = logits - row_max
+    exp = paddle.exp(shifted)
+    total = exp.sum(axis=-1)
+    return paddle.log(total) - (exp * shifted).sum(axis=-1) / total
+
+
+# --------------------------------------------------------------------------------------------------
+# KL estimators (in the loss) and critic-free advantage estimators
+# --------------------------------------------------------------------------------------------------
+
+#: ``kl_penalty`` kinds (Schulman's k1/k2/k3 estimators of KL(pi || ref) from samples of pi).
+KL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3")
+
+
+def kl_penalty(log_probs: paddle.Tensor, ref_log_probs: paddle.Tensor, kind: str) -> paddle.Tensor:
+    """Per-token KL estimate of the policy against the reference.
+
+    Args:
+        log_probs, ref_log_probs: same shape (e.g. ``[B, T]``); gradients flow through both.
+        kind: ``"k1"``: ``logp - ref``; ``"k2"``: ``0.5 * (logp - ref)^2``; ``"k3"``:
+            ``exp(ref - logp) - (ref - logp) - 1`` clamped to ``[-10, 10]`` (non-negative, unbiased).
+
+    Returns:
+        float32, the shape of the inputs.
+    """
+    _check_same_shape("log_probs", log_probs, ref_log_probs=ref_log_probs)
+    if kind not in KL_ESTIMATORS:
+        raise ValueError(f"`kind` must be one of {KL_ESTIMATORS}, got {kind!r}.")
+    diff = _as_float(log_probs) - _as_float(ref_log_probs)
+    if kind == "k1":
+        return diff
+    if kind == "k2":
+        return 0.5 * paddle.square(diff)
+    return paddle.clip(paddle.exp(-diff) + diff - 1.0, min=-10.0, max=10.0)
+
+
+AdvantageEstimator = Callable[..., "tuple[paddle.Tensor, paddle.Tensor]"]
+_ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {}
+
+
+def register_advantage_estimator(name: str) -> Callable[[AdvantageEstimator], AdvantageEstimator]:
+    """Decorator registering an advantage estimator under ``name``.
+
+    Every estimator is called with keyword arguments only and ignores those it does not need::
+
+        estimator(rewards=[B, R] float, sequence_mask=[B, R] bool, index=[B] group ids,
+                  values=[B, R] or None, gamma=float, gae_lambda=float, epsilon=float, norm_by_std=bool)
+            -> (advantages [B, R], returns [B, R])   # float32, both zero outside the mask
+
+    ``rewards`` are token-level (the score at the last response token plus any per-token KL
+    shaping); a sequence's score is the masked sum of its row. ``index`` (list, NumPy array or int
+    tensor) names each row's group (the samples of one prompt).
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"advantage estimator name must be a non-empty string, got {name!r}")
+
+    def decorator(fn: AdvantageEstimator) -> AdvantageEstimator:
+        if name in _ADVANTAGE_ESTIMATORS and _ADVANTAGE_ESTIMATORS[name] is not fn:
+            raise ValueError(f"advantage estimator {name!r} is already registered")
+        _ADVANTAGE_ESTIMATORS[name] = fn
+        return fn
+
+    return decorator
+
+
+def registered_advantage_estimators() -> list[str]:
+    return sorted(_ADVANTAGE_ESTIMATORS)
+
+
+def get_advantage_estimator(name: str) -> AdvantageEstimator:
+    """The estimator registered as ``name``; an unknown name lists the registered ones."""
+    try:
+        return _ADVANTAGE_ESTIMATORS[name]
+    except KeyError:
+        raise KeyError(f"unknown advantage estimator {name!r}; registered: {registered_advantage_estimators()}") from None
+
+
+def _estimator_inputs(rewards, sequence_mask) -> tuple[np.ndarray, np.ndarray]:
+    _check_tensor("rewards", rewards, ndim=2)
+    _check_same_shape("rewards", rewards, sequence_mask=sequence_mask)
+    mask = _as_bool(sequence_mask).numpy()
+    values = _as_float(rewards.detach()).numpy().astype(np.float64)
+    return np.where(mask, values, 0.0), mask
+
+
+def _group_ids(index, rows: int) -> np.ndarray:
+    if isinstance(index, paddle.Tensor):
+        index = index.numpy()
+    ids = np.asarray(index)
+    if ids.shape != (rows,):
+        raise ValueError(f"`index` must hold one group id per row ([{rows}]), got shape {list(ids.shape)}.")
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"`index` must hold integer group ids, got dtype {ids.dtype}.")
+    return ids
+
+
+def sequence_scores(rewards: paddle.Tensor, sequence_mask: paddle.Tensor) -> paddle.Tensor:
+    """``[B]`` float32: the masked sum of each row of token-level ``rewards [B, R]``."""
+    values, _ = _estimator_inputs(rewards, sequence_mask)
+    return paddle.to_tensor(values.sum(axis=-1).astype(np.float32))
+
+
+def _group_mean_std(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-row group mean, unbiased group std and group size; a group of one: mean 0, std 1."""
+    mean, std, size = np.zeros_like(scores), np.ones_like(scores), np.ones_like(scores)
+    for group in np.unique(ids):
+        rows = ids == group
+        n = int(rows.sum())
+        size[rows] = n
+        if n > 1:
+            mean[rows] = scores[rows].mean()
+            std[rows] = scores[rows].std(ddof=1)
+    return mean, std, size
+
+
+def whiten(values: np.ndarray | paddle.Tensor, mask: np.ndarray | paddle.Tensor, eps: float = 1e-8) -> paddle.Tensor:
+    """``(x - mean) / sqrt(var + eps)`` over the masked entries (unbiased variance; 0 with < 2 entries).
+
+    Args: ``values``, ``mask`` of one shape. Returns float32, 0 outside the mask.
+    """
+    x = values.numpy() if isinstance(values, paddle.Tensor) else np.asarray(values)
+    m = (mask.numpy() if isinstance(mask, paddle.Tensor) else np.asarray(mask)).astype(bool)
+    x = np.where(m, x.astype(np.float64), 0.0)
+    count = int(m.sum())
+    mean = x.sum() / max(count, 1)
+    var = (np.where(m, x - mean, 0.0) ** 2).sum() / (count - 1) if count > 1 else 0.0
+    return paddle.to_tensor(np.where(m, (x - mean) / np.sqrt(var + eps), 0.0).astype(np.float32))
+
+
+def _broadcast(per_row: np.ndarray, mask: np.ndarray) -> paddle.Tensor:
+    return paddle.to_tensor(np.where(mask, per_row[:, None], 0.0).astype(np.float32))
+
+
+@register_advantage_estimator("gae")
+def gae_advantage_estimator(*, rewards, sequence_mask, values=None, gamma: float = 1.0, gae_lambda: float = 0.95, **_):
+    """PPO's GAE with a critic (:func:`get_advantages_and_returns` from column 0); needs ``values``."""
+    if values is None:
+        raise ValueError("advantage estimator 'gae' needs `values` (a critic).")
+    advantages, returns = get_advantages_and_returns(values, rewards, sequence_mask, 0, gamma=gamma, gae_lambda=gae_lambda)
+    mask = _as_bool(sequence_mask).astype(_FLOAT)
+    return advantages * mask, returns * mask
+
+
+@register_advantage_estimator("grpo")
+def grpo_advantage_estimator(*, rewards, sequence_mask, index, epsilon: float = 1e-6, norm_by_std: bool = True, **_):
+    """GRPO: ``(s - mean_g) / (std_g + epsilon)`` with the group's mean and unbiased std.
+
+    ``norm_by_std=False`` gives Dr. GRPO's ``s - mean_g``. A group of one gets mean 0 and std 1.
+    Advantages are broadcast to every response token; returns equal the advantages.
+    """
+    scores, mask = _estimator_inputs(rewards, sequence_mask)
+    scores = scores.sum(axis=-1)
+    mean, std, _ = _group_mean_std(scores, _group_ids(index, len(scores)))
+    advantage = (scores - mean) / (std + epsilon) if norm_by_std else scores - mean
+    result = _broadcast(advantage, mask)
+    return result, result.clone()
+
+
+@register_advantage_estimator("rloo")
+def rloo_advantage_estimator(*, rewards, sequence_mask, index, **_):
+    """RLOO: ``s_i - mean of the other samples of the group`` = ``(s_i - mean_g) * n / (n - 1)``.
+
+    A group of one keeps ``s``. Broadcast to every response token; returns equal the advantages.
+    """
+    scores, mask = _estimator_inputs(rewards, sequence_mask)
+    scores = scores.sum(axis=-1)
+    mean, _, size = _group_mean_std(scores, _group_ids(index, len(scores)))
+    factor = np.where(size > 1, size / np.maximum(size - 1, 1), 1.0)
+    advantage = np.where(size > 1, scores * factor - mean * factor, scores)
+    result = _broadcast(advantage, mask)
+    return result, result.clone()
+
+
+@register_advantage_estimator("reinforce_plus_plus")
+def reinforce_plus_plus_advantage_estimator(*, rewards, sequence_mask, gamma: float = 1.0, **_):
+    """REINFORCE++: discounted returns ``G_t = r_t + gamma * G_{t+1}`` (0 after each response's last
+    token), whitened over all masked tokens of the batch (:func:`whiten`). Returns are the un-whitened ``G``.
+    """
+    _check_unit_interval("gamma", gamma)
+    values, mask = _estimator_inputs(rewards, sequence_mask)
+    returns = np.zeros_like(values)
+    running = np.zeros(values.shape[0])
+    for t in reversed(range(values.shape[1])):
+        running = np.where(mask[:, t], values[:, t] + gamma * running, 0.0)
+        returns[:, t] = running
+    return whiten(returns, mask), paddle.to_tensor(returns.astype(np.float32))
+
+
+@register_advantage_estimator("reinforce_plus_plus_baseline")
+def reinforce_plus_plus_baseline_advantage_estimator(*, rewards, sequence_mask, index, **_):
+    """REINFORCE++ with a group baseline: ``s - mean_g`` broadcast over the response, then whitened
+    over all masked tokens of the batch. A group of one has mean 0. Returns are ``s - mean_g`` (un-whitened).
+    """
+    scores, mask = _estimator_inputs(rewards, sequence_mask)
+    scores = scores.sum(axis=-1)
+    mean, _, _ = _group_mean_std(scores, _group_ids(index, len(scores)))
+    centred = np.where(mask, (scores - mean)[:, None], 0.0)
+    return whiten(centred, mask), paddle.to_tensor(centred.astype(np.float32))

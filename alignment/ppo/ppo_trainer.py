@@ -35,33 +35,18 @@ from alignment.models.ppo_model_utils import (
     masked_mean,
 )
 from alignment.ppo.eval_utils import score_sequences
-from alignment.ppo.rl_trainer import RLTrainer, RolloutSettings
+from alignment.ppo.rl_trainer import RLTrainer, RolloutSettings, response_logits
 from alignment.ppo.trainer_utils import StepTrainer
 
 __all__ = ["PPOTrainer", "response_logits"]
 
 
-def response_logits(
-    model: paddle.nn.Layer, input_ids: paddle.Tensor, attention_mask: paddle.Tensor, position_ids: paddle.Tensor, start: int
-) -> paddle.Tensor:
-    """``[B, L - 1 - start, V]`` logits at positions ``start .. L-2`` (predicting tokens ``start+1 ..``).
-
-    When the causal LM exposes its backbone and ``lm_head`` (PaddleNLP models do), the vocabulary
-    projection runs on those positions only: prompt positions never need logits, and the head is
-    the largest matmul of a small model. A wrapped model (``DataParallel``, fleet) runs its usual
-    full forward so its gradient hooks fire; the result is the same.
-    """
-    backbone = getattr(model, getattr(model, "base_model_prefix", "") or "", None)
-    head = getattr(model, "lm_head", None)
-    if backbone is None or head is None or getattr(model.config, "sequence_parallel", False):
-        logits = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, return_dict=True).logits
-        return logits[:, start:-1]
-    hidden = backbone(input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, return_dict=True)[0]
-    return head(hidden[:, start:-1], tensor_parallel_output=False)
-
-
 class PPOTrainer(RLTrainer):
+    MODEL_ROLES = ("actor", "reward_critic")
+
     """PPO with an actor, a frozen reference, a critic and a frozen reward model.
+
+    Trains ``MODEL_ROLES = ("actor", "reward_critic")``; ``critic_trainer`` is the ``"reward_critic"``.
 
     Args (besides :class:`RLTrainer`'s):
         reference_model: frozen copy of the SFT policy (KL anchor).
@@ -85,7 +70,8 @@ class PPOTrainer(RLTrainer):
         ptx_dataset: Any = None,
         generate_fn: Any = None,
     ) -> None:
-        super().__init__(args, actor_trainer, critic_trainer, tokenizer, train_dataset, rollout, eval_dataset, ptx_dataset, generate_fn)
+        trainers = {"actor": actor_trainer, "reward_critic": critic_trainer}
+        super().__init__(args, trainers, tokenizer, train_dataset, rollout, eval_dataset, ptx_dataset, generate_fn)
         self.reference_model = reference_model
         self.reward_model = reward_model
         self.reward_tokenizer = reward_tokenizer
@@ -94,6 +80,11 @@ class PPOTrainer(RLTrainer):
             for parameter in model.parameters():
                 parameter.stop_gradient = True
         self.offload.offload_now("freeze_model", reference_model, reward_model)
+
+    @property
+    def critic_trainer(self) -> StepTrainer:
+        """The reward critic's step trainer."""
+        return self.trainers["reward_critic"]
 
     # ------------------------------------------------------------------------------- experience
     def forward_chunks(self, fn, rows: int):
@@ -135,7 +126,9 @@ class PPOTrainer(RLTrainer):
         return self.forward_chunks(run, input_ids.shape[0])
 
     @paddle.no_grad()
-    def make_experience(self, prompt_input_ids: paddle.Tensor, sequences: paddle.Tensor, attention_mask: paddle.Tensor) -> dict[str, Any]:
+    def make_experience(
+        self, prompt_input_ids: paddle.Tensor, sequences: paddle.Tensor, attention_mask: paddle.Tensor, prompt_indices=None
+    ) -> dict[str, Any]:
         args = self.args
         start = prompt_input_ids.shape[1] - 1  # log_probs[:, start] is the first generated token
         position_ids = make_position_ids(attention_mask)
@@ -207,28 +200,6 @@ class PPOTrainer(RLTrainer):
         )  # fmt: skip
 
     def rl_step(self, batch: dict[str, Any], loss_weight: float, accumulating: bool, actor_accumulating: bool) -> dict[str, float]:
-        start = batch["start"]
-        critic = self.critic_trainer
-        if critic.pipeline is not None:  # the last stage's head output is the scores [B, L, 1]
-            critic_loss = critic.pipeline_step(batch, lambda scores, b: self.critic_loss(scores[:, start:-1, 0], b), loss_weight)
-        else:
-            with critic.no_sync(accumulating), critic.autocast():
-                scores = critic.model_wrapped(
-                    batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"], return_dict=True
-                ).scores
-                loss = self.critic_loss(scores[:, start:-1, 0], batch)
-                critic.backward(loss * loss_weight)
-            critic_loss = float(loss.item())
-
-        actor = self.actor_trainer
-        if actor.pipeline is not None:  # the last stage's head output is the logits [B, L, V]
-            actor_loss = actor.pipeline_step(batch, lambda logits, b: self.actor_loss(logits[:, start:-1], b), loss_weight)
-        else:
-            with actor.no_sync(actor_accumulating), actor.autocast():
-                logits = response_logits(
-                    actor.model_wrapped, batch["input_ids"], batch["attention_mask"], batch["position_ids"], start
-                )
-                loss = self.actor_loss(logits, batch)
-                actor.backward(loss * loss_weight)
-            actor_loss = float(loss.item())
+        critic_loss, _ = self.backward_on("reward_critic", batch, lambda values, b, _: self.critic_loss(values, b), loss_weight, accumulating)
+        actor_loss, _ = self.backward_on("actor", batch, lambda logits, b, _: self.actor_loss(logits, b), loss_weight, actor_accumulating)
         return {"train/actor_loss": actor_loss, "train/reward_critic_loss": critic_loss}

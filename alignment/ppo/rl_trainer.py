@@ -12,8 +12,28 @@ A subclass implements :meth:`make_experience` and :meth:`rl_step`; everything el
 gradient accumulation, distributed reductions, numerical guards, evaluation, checkpoints and
 exact resume) lives here.
 
-``global_step`` counts optimizer updates of the actor (and critic), as ``max_steps`` does; one
-rollout makes ``update_iters * micro_batches / gradient_accumulation_steps`` of them.
+**Trained models are declared, not hard-coded.** A trainer class lists the roles it trains in
+``MODEL_ROLES`` (``PPOTrainer``: ``("actor", "reward_critic")``; the critic-free trainers:
+``("actor",)``; PPO-Lagrangian: ``("actor", "reward_critic", "cost_critic")``) and receives one
+:class:`~alignment.ppo.trainer_utils.StepTrainer` per role in ``trainers`` (``self.trainers``,
+in that order). The loop then, for every declared role and nothing else: creates the optimizer and
+schedule (``setup``), exports the weights into the ``eval_mode`` rollout model, offloads the weights
+and the optimizer (``offload_level``), switches train/eval mode, steps or drops the gradients at the
+end of each accumulation window, logs ``train/<role>_lr``, saves the weights
+(``checkpoint-N/<dir>``, ``output_dir/<dir>`` with ``<dir> = CHECKPOINT_DIRS[role]``, e.g. ``policy``,
+``value``, ``cost_value``) and the per-rank optimizer state (``optimizer/<dir>-rank<r>``), and
+restores both on resume. Subclasses write their losses with :meth:`backward_on`, which runs one
+micro-batch forward + weighted backward on one role under data parallel (``no_sync``), AMP and
+pipeline parallel alike, and hands the loss function the response-column head output (logits
+``[B, R, V]`` for the actor, values ``[B, R]`` for a critic). Extra trainer state (e.g. a Lagrange
+multiplier) goes into checkpoints through :meth:`extra_state` / :meth:`load_extra_state`.
+
+``prompt_batch["prompt_index"]`` holds the dataset indices of the rollout's prompts (passed to
+:meth:`make_experience` as ``prompt_indices``) so that rule-based rewards can read each prompt's raw
+sample (``train_dataset.raw_sample(i)``).
+
+``global_step`` counts optimizer updates (all declared models step together), as ``max_steps``
+does; one rollout makes ``update_iters * micro_batches / gradient_accumulation_steps`` of them.
 
 Parallelism: data-parallel ranks (and sharding ranks) get different prompts; the ranks of one
 tensor/pipeline replica get the same prompts and sampling seed, so they roll out identically. With
@@ -63,7 +83,7 @@ from alignment.utils.checkpoint import (
 )
 from alignment.utils.metrics import MetricsLogger, is_main_process
 
-__all__ = ["RLTrainer", "TrainerState", "NonFiniteError", "RolloutSettings"]
+__all__ = ["RLTrainer", "TrainerState", "NonFiniteError", "RolloutSettings", "response_logits"]
 
 logger = logging.getLogger(__name__)
 
@@ -103,12 +123,32 @@ class RolloutSettings:
     backend: str = "auto"
 
 
+def response_logits(
+    model: paddle.nn.Layer, input_ids: paddle.Tensor, attention_mask: paddle.Tensor, position_ids: paddle.Tensor, start: int
+) -> paddle.Tensor:
+    """``[B, L - 1 - start, V]`` logits at positions ``start .. L-2`` (predicting tokens ``start+1 ..``).
+
+    When the causal LM exposes its backbone and ``lm_head`` (PaddleNLP models do), the vocabulary
+    projection runs on those positions only: prompt positions never need logits, and the head is
+    the largest matmul of a small model. A wrapped model (``DataParallel``, fleet) runs its usual
+    full forward so its gradient hooks fire; the result is the same.
+    """
+    backbone = getattr(model, getattr(model, "base_model_prefix", "") or "", None)
+    head = getattr(model, "lm_head", None)
+    if backbone is None or head is None or getattr(model.config, "sequence_parallel", False):
+        logits = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, return_dict=True).logits
+        return logits[:, start:-1]
+    hidden = backbone(input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, return_dict=True)[0]
+    return head(hidden[:, start:-1], tensor_parallel_output=False)
+
+
 class RLTrainer(abc.ABC):
-    """Base RL loop over an actor and a critic ``StepTrainer`` plus frozen models.
+    """Base RL loop over the declared trained models (``MODEL_ROLES``) plus frozen models.
 
     Args:
         args: the PPO ``TrainingArguments`` (see ``alignment/ppo/run_ppo.py``).
-        actor_trainer, critic_trainer: step trainers of the policy and value models.
+        trainers: one ``StepTrainer`` per role of ``MODEL_ROLES`` (``"actor"`` always; critics
+            such as ``"reward_critic"``, ``"cost_critic"``), stepped in this order.
         tokenizer: the actor's tokenizer (left padding); ``eos_token_id``/``pad_token_id`` used.
         train_dataset: ``PromptOnlyDataset`` of rollout prompts.
         eval_dataset: optional ``PromptOnlyDataset`` for evaluation.
@@ -116,11 +156,17 @@ class RLTrainer(abc.ABC):
         rollout: generation settings.
     """
 
+    #: The roles this trainer trains (one ``StepTrainer`` each); ``"actor"`` is the policy.
+    MODEL_ROLES: tuple[str, ...] = ("actor",)
+    #: Sub-directory of a role's weights in checkpoints and ``output_dir`` (default: the role name).
+    CHECKPOINT_DIRS: dict[str, str] = {"actor": "policy", "reward_critic": "value", "cost_critic": "cost_value"}
+    #: Roles whose model is a policy (head output: logits); the others are critics (head output: scores).
+    POLICY_ROLES: tuple[str, ...] = ("actor",)
+
     def __init__(
         self,
         args: Any,
-        actor_trainer: StepTrainer,
-        critic_trainer: StepTrainer,
+        trainers: dict[str, StepTrainer],
         tokenizer: Any,
         train_dataset: Any,
         rollout: RolloutSettings,
@@ -129,8 +175,11 @@ class RLTrainer(abc.ABC):
         generate_fn: Callable[..., paddle.Tensor] | None = None,
     ) -> None:
         self.args = args
-        self.actor_trainer = actor_trainer
-        self.critic_trainer = critic_trainer
+        if sorted(trainers) != sorted(self.MODEL_ROLES):
+            raise ValueError(
+                f"{type(self).__name__} trains {list(self.MODEL_ROLES)} but got step trainers for {sorted(trainers)}"
+            )
+        self.trainers: dict[str, StepTrainer] = dict(trainers)
         self.tokenizer = tokenizer
         self.train_dataset = train_dataset
         self.eval_dataset = eval_dataset
@@ -153,8 +202,9 @@ class RLTrainer(abc.ABC):
                 f"({self.prompt_sampler.global_batch_size} = per_device_prompt_batch_size x data-parallel ranks)"
             )
         self.prompt_loader = paddle.io.DataLoader(
-            train_dataset, batch_sampler=self.prompt_sampler, collate_fn=train_dataset.get_collator(), num_workers=0
-        )
+            _IndexedDataset(train_dataset), batch_sampler=self.prompt_sampler,
+            collate_fn=_IndexedCollator(train_dataset.get_collator()), num_workers=0,
+        )  # fmt: skip
         if ptx_dataset is not None:
             self.ptx_sampler = GlobalBatchSampler(
                 len(ptx_dataset), self.rows_per_rollout, self.dp_rank, self.dp_world, shuffle=True, seed=args.seed + 1
@@ -174,13 +224,26 @@ class RLTrainer(abc.ABC):
             total_rollouts = int(rollouts_per_epoch * args.num_train_epochs)
             self.total_steps = max(total_rollouts * self.updates_per_rollout, 1)
             self.num_epochs = math.ceil(args.num_train_epochs)
-        self.actor_trainer.setup(self.total_steps)
-        self.critic_trainer.setup(self.total_steps)
+        for trainer in self.trainers.values():
+            trainer.setup(self.total_steps)
 
         logging_dir = args.logging_dir if "visualdl" in (args.report_to or []) else None
         self.metrics_logger = MetricsLogger(args.output_dir, visualdl_dir=logging_dir)
         self._pending: list[dict[str, float]] = []
         self.last_evaluation: tuple[int, dict[str, float]] | None = None
+
+    @property
+    def actor_trainer(self) -> StepTrainer:
+        """The policy's step trainer."""
+        return self.trainers["actor"]
+
+    @property
+    def trained_models(self) -> list[paddle.nn.Layer]:
+        return [trainer.model for trainer in self.trainers.values()]
+
+    @property
+    def optimizers(self) -> list[Any]:
+        return [trainer.optimizer for trainer in self.trainers.values()]
 
     @property
     def uses_eval_models(self) -> bool:
@@ -199,24 +262,84 @@ class RLTrainer(abc.ABC):
 
     def export_rollout_models(self) -> None:
         """Give the rollout models (``eval_mode``) the current training weights (collective)."""
-        for trainer in (self.actor_trainer, self.critic_trainer):
+        for trainer in self.trainers.values():
             trainer.export_evaluate_model()
 
     # ------------------------------------------------------------------------------ subclass API
     @abc.abstractmethod
-    def make_experience(self, prompt_input_ids: paddle.Tensor, sequences: paddle.Tensor, attention_mask: paddle.Tensor) -> dict[str, Any]:
+    def make_experience(
+        self,
+        prompt_input_ids: paddle.Tensor,
+        sequences: paddle.Tensor,
+        attention_mask: paddle.Tensor,
+        prompt_indices: list[int] | None = None,
+    ) -> dict[str, Any]:
         """Per-token training targets of one rollout (no gradients). Returns a dict of tensors
-        with a leading batch axis (split into micro-batches by the loop) and python scalars."""
+        with a leading batch axis (split into micro-batches by the loop) and python scalars.
+
+        ``prompt_indices``: dataset indices of the ``[P]`` prompts (rows ``i*n .. i*n+n-1`` of
+        ``sequences`` answer prompt ``i``), when known."""
 
     @abc.abstractmethod
     def rl_step(self, batch: dict[str, Any], loss_weight: float, accumulating: bool, actor_accumulating: bool) -> dict[str, float]:
-        """Backward passes of one micro-batch (critic, then actor); returns float metrics.
+        """Backward passes of one micro-batch (critics, then actor); returns float metrics.
 
         ``loss_weight`` scales the micro-batch losses so that the accumulated, data-parallel
-        averaged gradient is the global mean (see :meth:`loss_weights`). ``accumulating`` (critic)
+        averaged gradient is the global mean (see :meth:`loss_weights`). ``accumulating`` (critics)
         and ``actor_accumulating`` say whether this backward must skip the data-parallel
         gradient all-reduce (see ``StepTrainer.no_sync``).
         """
+
+    def backward_on(
+        self,
+        role: str,
+        batch: dict[str, Any],
+        loss_fn: Callable[[paddle.Tensor, dict[str, Any], dict[str, float]], paddle.Tensor],
+        loss_weight: float,
+        accumulating: bool,
+        metric_keys: tuple[str, ...] = (),
+    ) -> tuple[float, dict[str, float]]:
+        """Forward, loss and ``loss_weight``-scaled backward of one micro-batch on model ``role``.
+
+        ``loss_fn(output, batch, metrics) -> scalar`` gets the head output on the response columns
+        ``start .. L-2``: logits ``[B, R, V]`` for a policy role, values ``[B, R]`` for a critic; it
+        may record float metrics in ``metrics`` (the keys of ``metric_keys``). Under pipeline
+        parallel the loss runs on the last stage and those metrics are broadcast to every stage.
+        Returns ``(unscaled loss, metrics)``.
+        """
+        trainer = self.trainers[role]
+        start = batch["start"]
+        policy = role in self.POLICY_ROLES
+        metrics: dict[str, float] = {}
+
+        def head_loss(output: paddle.Tensor, micro_batch: dict[str, Any]) -> paddle.Tensor:
+            output = output[:, start:-1] if policy else output[:, start:-1, 0]
+            return loss_fn(output, micro_batch, metrics)
+
+        if trainer.pipeline is not None:  # the last stage's head output: logits [B, L, V] or scores [B, L, 1]
+            loss = trainer.pipeline_step(batch, head_loss, loss_weight)
+            if metric_keys:
+                local = paddle.to_tensor([metrics[k] for k in metric_keys], dtype="float32") if metrics else None
+                values = trainer.pipeline._from_last_stage(local).numpy().tolist()
+                metrics = dict(zip(metric_keys, values))
+            return loss, metrics
+        with trainer.no_sync(accumulating), trainer.autocast():
+            inputs = (batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+            if policy:
+                output = response_logits(trainer.model_wrapped, *inputs, start)
+            else:
+                output = trainer.model_wrapped(inputs[0], attention_mask=inputs[1], position_ids=inputs[2], return_dict=True).scores
+                output = output[:, start:-1, 0]
+            loss = loss_fn(output, batch, metrics)
+            trainer.backward(loss * loss_weight)
+        return float(loss.item()), metrics
+
+    def extra_state(self) -> dict[str, Any]:
+        """JSON-serialisable trainer state saved with every checkpoint (none by default)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`extra_state` returned."""
 
     def loss_weight_basis(self, batch: dict[str, Any]) -> float:
         """How many loss terms a micro-batch contributes to the global mean (tokens by default)."""
@@ -263,7 +386,7 @@ class RLTrainer(abc.ABC):
         if resume_from_checkpoint:
             self.load_checkpoint(resume_from_checkpoint)
         if self.uses_eval_models:  # the rollout models do the rollout; the update reloads the weights
-            self.offload.offload_now("train_model", self.actor_trainer.model, self.critic_trainer.model)
+            self.offload.offload_now("train_model", *self.trained_models)
         args = self.args
         progress = _progress(self.total_steps, self.state.global_step, disable=args.disable_tqdm or not is_main_process())
         logger.info(
@@ -305,7 +428,9 @@ class RLTrainer(abc.ABC):
             sequences = self.generate(prompt_batch["input_ids"], prompt_batch["attention_mask"])
             generated = time.perf_counter()
             attention_mask = make_rollout_attention_mask(prompt_batch["attention_mask"], sequences, self.tokenizer.eos_token_id)
-            experience = self.make_experience(prompt_batch["input_ids"], sequences, attention_mask)
+            experience = self.make_experience(
+                prompt_batch["input_ids"], sequences, attention_mask, prompt_indices=prompt_batch.get("prompt_index")
+            )
         experienced = time.perf_counter()
 
         metrics: dict[str, float] = dict(experience.get("metrics", {}))
@@ -313,9 +438,7 @@ class RLTrainer(abc.ABC):
             micro_batches = self.split_micro_batches(experience)
             ptx_batches = self.ptx_micro_batches(self.state.rollouts) if self.ptx_dataset is not None else None
             self.set_train(True)
-            optimizers = (self.actor_trainer.optimizer, self.critic_trainer.optimizer)
-            models = (self.actor_trainer.model, self.critic_trainer.model)
-            with self.offload.use("train_model", *models), self.offload.use("optimizer", *optimizers):
+            with self.offload.use("train_model", *self.trained_models), self.offload.use("optimizer", *self.optimizers):
                 metrics.update(self.update(micro_batches, ptx_batches))
         else:
             self.state.global_step += self.updates_per_rollout  # keep schedules aligned with the plan
@@ -387,18 +510,18 @@ class RLTrainer(abc.ABC):
                 continue
             break
         result = {key: sums[key] / counts[key] for key in sums}
-        result["train/actor_lr"] = self.actor_trainer.learning_rate
-        result["train/reward_critic_lr"] = self.critic_trainer.learning_rate
+        for role, trainer in self.trainers.items():
+            result[f"train/{role}_lr"] = trainer.learning_rate
         return result
 
     def finish_update(self, finite: bool, last_metrics: dict[str, float]) -> None:
-        """Step both optimizers, unless a non-finite loss was seen in the window on any rank."""
+        """Step every declared optimizer, unless a non-finite loss was seen in the window on any rank."""
         if self.check_finite({"loss": 0.0 if finite else float("nan")}, what="update", summary=last_metrics):
-            self.critic_trainer.optimizer_step()
-            self.actor_trainer.optimizer_step()
+            for trainer in self.trainers.values():
+                trainer.optimizer_step()
         else:
-            self.critic_trainer.zero_grad()
-            self.actor_trainer.zero_grad()
+            for trainer in self.trainers.values():
+                trainer.zero_grad()
             self.state.skipped_updates += 1
         self.state.global_step += 1
 
@@ -442,8 +565,8 @@ class RLTrainer(abc.ABC):
         return {"train/ptx_loss": float(loss.item())}
 
     def set_train(self, mode: bool) -> None:
-        self.actor_trainer.train(mode)
-        self.critic_trainer.train(mode)
+        for trainer in self.trainers.values():
+            trainer.train(mode)
 
     # ----------------------------------------------------------------------- log / eval / save
     def maybe_log_evaluate_save(self, step_before: int) -> None:
@@ -498,8 +621,8 @@ class RLTrainer(abc.ABC):
 
     # ----------------------------------------------------------------------------- checkpoints
     def model_parts(self) -> dict[str, StepTrainer]:
-        """Trainable parts saved into checkpoints, by sub-directory name."""
-        return {"policy": self.actor_trainer, "value": self.critic_trainer}
+        """Trainable parts saved into checkpoints, by sub-directory name (``CHECKPOINT_DIRS``)."""
+        return {self.CHECKPOINT_DIRS.get(role, role): trainer for role, trainer in self.trainers.items()}
 
     def save_checkpoint(self) -> str:
         """Write ``output_dir/checkpoint-<step>`` atomically (all ranks must call)."""
@@ -519,7 +642,11 @@ class RLTrainer(abc.ABC):
                 save_tensor_state(prefix + ".safetensors", tensors)
                 save_json(prefix + ".json", extras)
         if rank == 0:
-            save_json(os.path.join(scratch, TRAINER_STATE), {"state": self.state.to_dict(), "dp_world": self.dp_world})
+            saved = {"state": self.state.to_dict(), "dp_world": self.dp_world}
+            extra = self.extra_state()
+            if extra:
+                saved["extra_state"] = extra
+            save_json(os.path.join(scratch, TRAINER_STATE), saved)
         _barrier()
         if rank == 0:
             publish_directory(scratch, final)
@@ -553,7 +680,7 @@ class RLTrainer(abc.ABC):
             self.tokenizer.save_pretrained(directory)
 
     def save_final_models(self) -> None:
-        """``output_dir/policy`` and ``output_dir/value``, each replaced atomically."""
+        """``output_dir/<dir>`` for every trained model (``policy``, ``value``...), each replaced atomically."""
         for name, trainer in self.model_parts().items():
             final = os.path.join(self.args.output_dir, name)
             scratch = final + ".tmp"
@@ -584,6 +711,7 @@ class RLTrainer(abc.ABC):
                 raise CheckpointError(f"{checkpoint}: no optimizer state {prefix}.safetensors for rank {rank}")
             trainer.load_optimizer_state(load_tensor_state(prefix + ".safetensors"), load_json(prefix + ".json"))
         self.state = TrainerState(**saved["state"])
+        self.load_extra_state(saved.get("extra_state", {}))
         self.metrics_logger_truncate(self.state.global_step)
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint, self.state.global_step,
                     self.state.epoch, self.state.batch_in_epoch)  # fmt: skip
@@ -624,6 +752,32 @@ def _load_weights(model: paddle.nn.Layer, directory: str) -> None:
     if missing:
         raise CheckpointError(f"{directory}: weights missing for {missing[:5]}{'...' if len(missing) > 5 else ''}")
     model.set_state_dict({k: paddle.to_tensor(state[k]).astype(own[k].dtype) for k in own})
+
+
+class _IndexedDataset(paddle.io.Dataset):
+    """``dataset[i]`` plus its index (``"prompt_index"``), so a rollout knows its prompts' raw samples."""
+
+    def __init__(self, dataset: Any) -> None:
+        super().__init__()
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {**self.dataset[index], "prompt_index": int(index)}
+
+
+class _IndexedCollator:
+    """The dataset's collator, plus ``"prompt_index"``: the list of the batch's dataset indices."""
+
+    def __init__(self, collator: Callable) -> None:
+        self.collator = collator
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.collator([{k: v for k, v in sample.items() if k != "prompt_index"} for sample in samples])
+        batch["prompt_index"] = [sample["prompt_index"] for sample in samples]
+        return batch
 
 
 def _barrier() -> None:

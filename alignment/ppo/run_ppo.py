@@ -39,6 +39,19 @@ __all__ = [
 logger = logging.getLogger("alignment.ppo")
 
 
+#: ``rl_algorithm`` values: ``ppo`` trains a critic; the others are critic-free advantage estimators
+#: (``alignment.models.ppo_model_utils.get_advantage_estimator``).
+RL_ALGORITHMS = ("ppo", "grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
+CRITIC_FREE_ALGORITHMS = ("grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
+#: Algorithms whose baseline is the other samples of the prompt: a group of one has none.
+GROUP_ALGORITHMS = ("grpo", "rloo")
+
+
+def uses_critic(args: Any) -> bool:
+    """True when ``rl_algorithm`` trains a reward critic."""
+    return getattr(args, "rl_algorithm", "ppo") not in CRITIC_FREE_ALGORITHMS
+
+
 @dataclass
 class ModelArgument:
     actor_model_name_or_path: Optional[str] = field(
@@ -49,6 +62,17 @@ class ModelArgument:
         default=None, metadata={"help": "Critic initialization; defaults to reward_model_name_or_path."}
     )
     use_flash_attention: bool = field(default=False, metadata={"help": "Use flash attention (GPU)."})
+    reward_functions: Optional[str] = field(
+        default=None,
+        metadata={"help": "Rule-based rewards 'name[:weight],...' of registered reward functions (e.g. 'task_score:1.0,length:0.1'); "
+                          "added to the reward model's score when both are given (alignment/rewards/functions.py)."},
+    )  # fmt: skip
+    reward_server: Optional[str] = field(
+        default=None, metadata={"help": "URL of a remote reward service (http://host:port); its reward is added to the others."}
+    )
+    custom_reward_modules: Optional[str] = field(
+        default=None, metadata={"help": "Comma-separated modules or .py files registering reward functions to import."}
+    )
 
 
 @dataclass
@@ -60,9 +84,27 @@ class DataArgument(BaseDataArgument):
 
 @dataclass
 class TrainingArguments(PaddleTrainingArguments):
+    # algorithm
+    rl_algorithm: str = field(
+        default="ppo",
+        metadata={"help": "ppo (actor + critic, GAE) or a critic-free estimator: grpo, rloo, reinforce_plus_plus, "
+                          "reinforce_plus_plus_baseline.", "choices": list(RL_ALGORITHMS)},
+    )  # fmt: skip
     # PPO
     kl_coeff: float = field(default=0.02, metadata={"help": "KL penalty coefficient of the per-token reward."})
+    kl_loss_coeff: float = field(default=0.0, metadata={"help": "Coefficient of the KL term added to the actor loss."})
+    kl_estimator: Optional[str] = field(
+        default=None,
+        metadata={"help": "KL estimator of the loss term: k1, k2 or k3 (default k3, GRPO's).", "choices": [None, "k1", "k2", "k3"]},
+    )
+    entropy_coeff: float = field(default=0.0, metadata={"help": "Entropy bonus: the actor loss subtracts coeff x entropy."})
     clip_range_ratio: float = field(default=0.2, metadata={"help": "PPO ratio clip: (1 - c, 1 + c)."})
+    clip_range_ratio_low: Optional[float] = field(
+        default=None, metadata={"help": "Lower ratio clip: 1 - low (default clip_range_ratio)."}
+    )
+    clip_range_ratio_high: Optional[float] = field(
+        default=None, metadata={"help": "Upper ratio clip: 1 + high (default clip_range_ratio; DAPO's clip-higher)."}
+    )
     clip_range_score: float = field(default=50.0, metadata={"help": "Reward-model score clipped to [-c, c]."})
     clip_range_value: float = field(default=5.0, metadata={"help": "Value clip around the rollout values."})
     ptx_coeff: float = field(default=0.0, metadata={"help": "Coefficient of the ptx (pretraining-mix) loss."})
@@ -91,7 +133,10 @@ class TrainingArguments(PaddleTrainingArguments):
     per_device_experience_batch_size: Optional[int] = field(
         default=None, metadata={"help": "Rows per forward pass when scoring a rollout (default: the whole rollout)."}
     )
-    num_return_sequences: int = field(default=1, metadata={"help": "Samples generated per prompt."})
+    num_return_sequences: int = field(default=1, metadata={"help": "Samples generated per prompt (a GRPO/RLOO group)."})
+    rollout_n: Optional[int] = field(default=None, metadata={"help": "Upstream alias of num_return_sequences."})
+    advantage_epsilon: float = field(default=1e-6, metadata={"help": "GRPO: (s - mean) / (std + epsilon)."})
+    norm_adv_by_std: bool = field(default=True, metadata={"help": "GRPO: divide by the group std (False: Dr. GRPO)."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (0 = greedy)."})
     top_p: float = field(default=0.8, metadata={"help": "Nucleus sampling threshold."})
     top_k: int = field(default=0, metadata={"help": "Top-k filtering (0 = off)."})
@@ -132,6 +177,11 @@ class TrainingArguments(PaddleTrainingArguments):
             dist.get_world_size(),
         ):  # fmt: skip
             problems.add(name, message)
+        if self.rollout_n is not None:  # the upstream alias of num_return_sequences
+            if self.num_return_sequences not in (1, self.rollout_n):
+                problems.add("rollout_n", f"is an alias of num_return_sequences: got both ({self.rollout_n} and {self.num_return_sequences})")
+            else:
+                self.num_return_sequences = self.rollout_n
         problems.raise_if_any()
         from alignment.parallel.topology import gloo_safe_group_creation
 
@@ -184,8 +234,61 @@ def validate_arguments(model_args: ModelArgument, data_args: DataArgument, args:
     """Check the whole configuration before any model loads; report every problem at once."""
     problems = Problems(source)
     problems.check(data_args.train_datasets is not None, "train_datasets", "is required")
-    for name in ("actor_model_name_or_path", "reward_model_name_or_path"):
-        problems.check(getattr(model_args, name) is not None, name, "is required")
+    problems.check(model_args.actor_model_name_or_path is not None, "actor_model_name_or_path", "is required")
+    has_text_reward = bool(model_args.reward_functions or model_args.reward_server)
+    if uses_critic(args):
+        problems.check(
+            model_args.reward_model_name_or_path is not None or (has_text_reward and model_args.reward_critic_model_name_or_path),
+            "reward_model_name_or_path",
+            "is required (or reward_functions/reward_server with reward_critic_model_name_or_path to initialise the critic)",
+        )
+    else:
+        problems.check(
+            model_args.reward_model_name_or_path is not None or has_text_reward,
+            "reward_functions",
+            f"rl_algorithm {args.rl_algorithm!r} needs a reward: reward_functions, reward_server and/or reward_model_name_or_path",
+        )
+        critic_only = {
+            "reward_critic_model_name_or_path": model_args.reward_critic_model_name_or_path is not None,
+            **{name: getattr(args, name) is not None for name in (
+                "critic_learning_rate", "critic_weight_decay", "critic_lr_scheduler_type", "critic_warmup_ratio", "critic_recompute")},
+            "clip_range_value": args.clip_range_value != 5.0,
+            "gae_lambda": args.gae_lambda != 0.95,
+        }  # fmt: skip
+        for name, given in critic_only.items():
+            if given:
+                problems.add(name, f"is a critic argument, but rl_algorithm {args.rl_algorithm!r} trains no critic; remove it")
+        if args.rl_algorithm in GROUP_ALGORITHMS:
+            problems.check(
+                args.num_return_sequences >= 2,
+                "num_return_sequences",
+                f"rl_algorithm {args.rl_algorithm!r} compares the samples of one prompt: needs num_return_sequences "
+                f"(rollout_n) >= 2, got {args.num_return_sequences} (a group of one has no baseline)",
+            )
+    if model_args.reward_functions:
+        try:
+            from alignment.rewards.functions import get_reward_function, import_custom_reward_modules, parse_reward_functions
+
+            import_custom_reward_modules(model_args.custom_reward_modules)
+            for name, _ in parse_reward_functions(model_args.reward_functions):
+                get_reward_function(name)
+        except (KeyError, ValueError) as error:
+            problems.add("reward_functions", str(error).strip('"'))
+    if model_args.reward_server:
+        problems.check(
+            model_args.reward_server.startswith(("http://", "https://")),
+            "reward_server",
+            f"must be an http:// or https:// URL, got {model_args.reward_server!r}",
+        )
+    for name in ("kl_loss_coeff", "entropy_coeff"):
+        problems.check(getattr(args, name) >= 0, name, f"must be >= 0, got {getattr(args, name)}")
+    for name in ("clip_range_ratio_low", "clip_range_ratio_high"):
+        value = getattr(args, name)
+        if value is not None:
+            problems.check(value > 0, name, f"must be > 0, got {value}")
+    if args.clip_range_ratio_low is not None:
+        problems.check(args.clip_range_ratio_low < 1, "clip_range_ratio_low", f"must be < 1 (the ratio floor is 1 - low), got {args.clip_range_ratio_low}")
+    problems.check(args.advantage_epsilon > 0, "advantage_epsilon", f"must be > 0, got {args.advantage_epsilon}")
     for name in ("actor_model_name_or_path", "reward_model_name_or_path", "reward_critic_model_name_or_path"):
         value = getattr(model_args, name)
         if value and looks_like_local_path(value) and not os.path.exists(os.path.expanduser(value)):
@@ -358,8 +461,9 @@ def load_models(model_args: ModelArgument, args: TrainingArguments) -> dict[str,
         "reward": load(_score_model_class(reward_path), reward_path, eval_tp, score_type="reward", do_normalize=args.normalize_reward),
         "critic": load(_score_model_class(critic_path), critic_path, train_tp, score_type="critic", do_normalize=False),
     }
+    trained = [name for name in ("actor", "critic") if name in models]
     if args.eval_mode:
-        for name in ("actor", "critic"):
+        for name in trained:
             models[f"{name}_eval"] = _rollout_copy(models[name], eval_tp, tp_rank, dtype)
     if _degree(args.pipeline_parallel_degree) > 1:
         from paddle.distributed import fleet
@@ -368,8 +472,8 @@ def load_models(model_args: ModelArgument, args: TrainingArguments) -> dict[str,
         from alignment.parallel.pipeline import PipelineEngine
 
         stage_id, stages = fleet.get_hybrid_communicate_group().get_stage_id(), _degree(args.pipeline_parallel_degree)
-        for name, pipe_class in PIPE_MODEL_FOR_ROLE.items():
-            models[name] = pipe_class(models[name], stage_id, stages)  # keeps only this stage's layers
+        for name in trained:
+            models[name] = PIPE_MODEL_FOR_ROLE[name](models[name], stage_id, stages)  # keeps only this stage's layers
             models[f"{name}_pipeline"] = PipelineEngine(models[name])
     return models
 
