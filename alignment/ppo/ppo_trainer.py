@@ -69,8 +69,10 @@ class PPOTrainer(RLTrainer):
         eval_dataset: Any = None,
         ptx_dataset: Any = None,
         generate_fn: Any = None,
+        extra_trainers: dict[str, StepTrainer] | None = None,
     ) -> None:
-        trainers = {"actor": actor_trainer, "reward_critic": critic_trainer}
+        # extra_trainers: the step trainers of a subclass's further MODEL_ROLES (e.g. PPO-Lag's cost critic).
+        trainers = {"actor": actor_trainer, "reward_critic": critic_trainer, **(extra_trainers or {})}
         super().__init__(args, trainers, tokenizer, train_dataset, rollout, eval_dataset, ptx_dataset, generate_fn)
         self.reference_model = reference_model
         self.reward_model = reward_model
@@ -163,6 +165,7 @@ class PPOTrainer(RLTrainer):
             "attention_mask": attention_mask,
             "position_ids": position_ids,
             "old_log_probs": log_probs,
+            "ref_log_probs": ref_log_probs,
             "old_values": values,
             "advantages": advantages,
             "returns": returns,

@@ -24,6 +24,7 @@ from typing import Any, Optional
 from paddlenlp.trainer import TrainingArguments as PaddleTrainingArguments
 
 from alignment.data.arguments import DataArgument as BaseDataArgument
+from alignment.ppo.ppo_lag_trainer import PPOLagArguments, PPOLagModelArgument, ppo_lag_problems
 from alignment.utils.config import Problems, looks_like_local_path
 
 __all__ = [
@@ -41,7 +42,7 @@ logger = logging.getLogger("alignment.ppo")
 
 #: ``rl_algorithm`` values: ``ppo`` trains a critic; the others are critic-free advantage estimators
 #: (``alignment.models.ppo_model_utils.get_advantage_estimator``).
-RL_ALGORITHMS = ("ppo", "grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
+RL_ALGORITHMS = ("ppo", "ppo_lag", "grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
 CRITIC_FREE_ALGORITHMS = ("grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
 #: Algorithms whose baseline is the other samples of the prompt: a group of one has none.
 GROUP_ALGORITHMS = ("grpo", "rloo")
@@ -53,7 +54,7 @@ def uses_critic(args: Any) -> bool:
 
 
 @dataclass
-class ModelArgument:
+class ModelArgument(PPOLagModelArgument):
     actor_model_name_or_path: Optional[str] = field(
         default=None, metadata={"help": "SFT checkpoint: initializes the actor and the frozen reference model."}
     )
@@ -83,7 +84,7 @@ class DataArgument(BaseDataArgument):
 
 
 @dataclass
-class TrainingArguments(PaddleTrainingArguments):
+class TrainingArguments(PPOLagArguments, PaddleTrainingArguments):
     # algorithm
     rl_algorithm: str = field(
         default="ppo",
@@ -289,7 +290,10 @@ def validate_arguments(model_args: ModelArgument, data_args: DataArgument, args:
     if args.clip_range_ratio_low is not None:
         problems.check(args.clip_range_ratio_low < 1, "clip_range_ratio_low", f"must be < 1 (the ratio floor is 1 - low), got {args.clip_range_ratio_low}")
     problems.check(args.advantage_epsilon > 0, "advantage_epsilon", f"must be > 0, got {args.advantage_epsilon}")
-    for name in ("actor_model_name_or_path", "reward_model_name_or_path", "reward_critic_model_name_or_path"):
+    for name, message in ppo_lag_problems(model_args, args):
+        problems.add(name, message)
+    for name in ("actor_model_name_or_path", "reward_model_name_or_path", "reward_critic_model_name_or_path",
+                 "cost_model_name_or_path", "cost_critic_model_name_or_path"):  # fmt: skip
         value = getattr(model_args, name)
         if value and looks_like_local_path(value) and not os.path.exists(os.path.expanduser(value)):
             problems.add(name, f"path {value!r} does not exist")
@@ -461,7 +465,12 @@ def load_models(model_args: ModelArgument, args: TrainingArguments) -> dict[str,
         "reward": load(_score_model_class(reward_path), reward_path, eval_tp, score_type="reward", do_normalize=args.normalize_reward),
         "critic": load(_score_model_class(critic_path), critic_path, train_tp, score_type="critic", do_normalize=False),
     }
-    trained = [name for name in ("actor", "critic") if name in models]
+    if args.rl_algorithm == "ppo_lag":  # Safe RLHF: a frozen cost model and a cost critic
+        cost_path = model_args.cost_model_name_or_path
+        cost_critic_path = model_args.cost_critic_model_name_or_path or cost_path
+        models["cost"] = load(_score_model_class(cost_path), cost_path, eval_tp, score_type="cost", do_normalize=args.normalize_cost)
+        models["cost_critic"] = load(_score_model_class(cost_critic_path), cost_critic_path, train_tp, score_type="critic", do_normalize=False)
+    trained = [name for name in ("actor", "critic", "cost_critic") if name in models]
     if args.eval_mode:
         for name in trained:
             models[f"{name}_eval"] = _rollout_copy(models[name], eval_tp, tp_rank, dtype)
@@ -533,6 +542,19 @@ def build_trainer(model_args: ModelArgument, data_args: DataArgument, args: Trai
         models["critic"], critic_args, name="critic", tokenizer=tokenizer,
         pipeline=models.get("critic_pipeline"), eval_model=models.get("critic_eval"),
     )  # fmt: skip
+    if args.rl_algorithm == "ppo_lag":
+        cost_tokenizer = load_tokenizer(model_args.cost_model_name_or_path, padding_side="right")
+        cost_tokenizer = tokenizer if is_same_tokenizer(tokenizer, cost_tokenizer) else cost_tokenizer
+        cost_critic_path = model_args.cost_critic_model_name_or_path or model_args.cost_model_name_or_path
+        if not is_same_tokenizer(tokenizer, load_tokenizer(cost_critic_path)):
+            raise ValueError(
+                f"cost_critic_model_name_or_path: the cost critic's tokenizer ({cost_critic_path}) must equal the actor's: "
+                "values are computed on the actor's tokens"
+            )
+        cost_critic_trainer = StepTrainer(
+            models["cost_critic"], critic_args, name="cost_critic", tokenizer=tokenizer,
+            pipeline=models.get("cost_critic_pipeline"), eval_model=models.get("cost_critic_eval"),
+        )  # fmt: skip
     backend = args.rollout_backend
     if backend == "auto" and not args.use_fusemt:
         backend = "fast"  # use_fusemt=false keeps its upstream meaning: no fused GPU inference
@@ -546,6 +568,15 @@ def build_trainer(model_args: ModelArgument, data_args: DataArgument, args: Trai
         do_sample=args.temperature > 0,
         backend=backend,
     )
+    if args.rl_algorithm == "ppo_lag":
+        from alignment.ppo.ppo_lag_trainer import PPOLagTrainer
+
+        return PPOLagTrainer(
+            args, actor_trainer, critic_trainer, cost_critic_trainer, reference_model=models["reference"],
+            reward_model=models["reward"], cost_model=models["cost"], tokenizer=tokenizer,
+            reward_tokenizer=reward_tokenizer, cost_tokenizer=cost_tokenizer, train_dataset=datasets["train"],
+            rollout=rollout, eval_dataset=datasets["eval"], ptx_dataset=datasets["ptx"],
+        )  # fmt: skip
     return PPOTrainer(
         args,
         actor_trainer,
