@@ -1,13 +1,17 @@
-"""Score a policy's generations on held-out prompts with a reward model (and the example task).
+"""Score a policy's generations on held-out prompts with a reward model and/or reward functions (and the example task).
 
     python scripts/evaluate_policy.py --policy quickstart_output/ppo/policy \\
         --reward-model quickstart_output/rm --prompts PKU-SafeRLHF/test:1:data/safe_rlhf/test.jsonl \\
         --output quickstart_output/eval_ppo.json
+    python scripts/evaluate_policy.py --policy quickstart_output/grpo/policy --reward-functions task_score \\
+        --prompts PKU-SafeRLHF/test:1:data/safe_rlhf/test.jsonl --output quickstart_output/eval_ppo.json
 
 For every prompt it samples ``--samples`` responses (temperature ``--temperature``; 0 = greedy),
-scores each with the reward model and, when the prompts come from the repository's example task,
-with its ground truth (``alignment.data.example_task.task_score``). Writes one JSON file with the
-means and every generation.
+scores each with the reward model (``--reward-model``) plus the weighted registered reward functions
+(``--reward-functions "name[:weight],..."``, see alignment/rewards/functions.py; at least one of the two
+unless the prompts are the example task's) and, when the prompts come from the repository's example
+task, with its ground truth (``alignment.data.example_task.task_score``). Writes one JSON file with
+the means and every generation (``reward_mean`` only when a reward was given).
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ import sys
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--policy", required=True, help="causal-LM checkpoint directory")
-    parser.add_argument("--reward-model", required=True, help="score-model checkpoint directory")
+    parser.add_argument("--reward-model", default=None, help="score-model checkpoint directory (optional)")
+    parser.add_argument("--reward-functions", default=None, help="registered reward functions 'name[:weight],...' (optional)")
+    parser.add_argument("--custom-reward-modules", default=None, help="modules or .py files registering reward functions")
     parser.add_argument("--prompts", required=True, help="dataset spec name[:proportion[:path]] of prompts")
     parser.add_argument("--output", required=True, help="JSON file to write")
     parser.add_argument("--samples", type=int, default=4, help="responses per prompt")
@@ -49,47 +55,68 @@ def evaluate(args: argparse.Namespace) -> dict:
 
     paddle.seed(args.seed)
     tokenizer = load_tokenizer(args.policy, padding_side="left")
-    reward_tokenizer = load_tokenizer(args.reward_model, padding_side="right")
+    reward_model = reward_tokenizer = reward_source = None
+    if args.reward_functions:
+        from alignment.rewards import build_reward_source
+
+        reward_source = build_reward_source(args.reward_functions, custom_reward_modules=args.custom_reward_modules)
+    if args.reward_model:
+        reward_tokenizer = load_tokenizer(args.reward_model, padding_side="right")
     policy = AutoModelForCausalLM.from_pretrained(args.policy)
-    reward_model = AutoModelForScore.from_pretrained(args.reward_model, score_type="reward")
     policy.eval()
-    reward_model.eval()
+    if args.reward_model:
+        reward_model = AutoModelForScore.from_pretrained(args.reward_model, score_type="reward")
+        reward_model.eval()
     prompts = PromptOnlyDataset(args.prompts, tokenizer, max_length=args.max_length)
     collator = prompts.get_collator()
     rows = []
     from tqdm.auto import tqdm
 
     for begin in tqdm(range(0, len(prompts), args.batch_size), desc=f"evaluating {args.policy}", leave=False):
-        batch = collator([prompts[i] for i in range(begin, min(begin + args.batch_size, len(prompts)))])
+        indices = list(range(begin, min(begin + args.batch_size, len(prompts))))
+        batch = collator([prompts[i] for i in indices])
+        samples = args.samples if args.temperature > 0 else 1
         with paddle.no_grad():
             sequences = generate_rollout(
                 policy, batch["input_ids"], batch["attention_mask"], max_new_tokens=args.max_new_tokens,
                 do_sample=args.temperature > 0, temperature=max(args.temperature, 1e-6), top_p=args.top_p,
-                num_return_sequences=args.samples if args.temperature > 0 else 1,
+                num_return_sequences=samples,
                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, backend=args.backend,
             )  # fmt: skip
             width = batch["input_ids"].shape[1]
             mask = make_rollout_attention_mask(batch["attention_mask"], sequences, tokenizer.eos_token_id)
-            rewards = score_sequences(reward_model, sequences, mask, tokenizer, reward_tokenizer).numpy()
+            rewards = np.zeros(sequences.shape[0], dtype=np.float32)
+            if reward_model is not None:
+                rewards += score_sequences(reward_model, sequences, mask, tokenizer, reward_tokenizer).numpy()
+        entries = []
         for row in range(sequences.shape[0]):
             keep = mask[row].numpy()
             token_ids = sequences[row].numpy()
             prompt_text = tokenizer.decode(token_ids[:width][keep[:width]].tolist(), skip_special_tokens=True)
             full_text = tokenizer.decode(token_ids[keep].tolist(), skip_special_tokens=True)
             user, response = split_prompt_response(prompt_text, full_text)
-            entry = {"prompt": user, "response": response, "reward": float(rewards[row])}
+            entry = {"prompt": user, "response": response}
             try:
                 entry["task_score"] = task_score(user, response)
             except ValueError:  # not a prompt of the example task
                 pass
-            rows.append(entry)
+            entries.append(entry)
+        if reward_source is not None:
+            raw = [prompts.raw_sample(i) for i in indices for _ in range(samples)]
+            extras = [{k: v for k, v in sample.items() if k != "input"} for sample in raw]
+            rewards += reward_source.score([e["prompt"] for e in entries], [e["response"] for e in entries], extras)
+        if reward_model is not None or reward_source is not None:
+            for entry, reward in zip(entries, rewards.tolist()):
+                entry["reward"] = float(reward)
+        rows.extend(entries)
     result = {
         "policy": args.policy,
         "num_prompts": len(prompts),
         "num_generations": len(rows),
-        "reward_mean": float(np.mean([r["reward"] for r in rows])),
         "generations": rows,
     }
+    if rows and "reward" in rows[0]:
+        result["reward_mean"] = float(np.mean([r["reward"] for r in rows]))
     scores = [r["task_score"] for r in rows if "task_score" in r]
     if scores:
         result["task_score_mean"] = float(np.mean(scores))

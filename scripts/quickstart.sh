@@ -2,12 +2,14 @@
 # The whole pipeline on a CPU in minutes: tiny tokenizer + model -> SFT -> reward model -> PPO ->
 # evaluation, each stage through its public entry point and JSON file (config/tiny/*.json).
 #
-#   bash scripts/quickstart.sh [--output-dir DIR] [--algorithm ppo] [--sft-from DIR]
+#   bash scripts/quickstart.sh [--output-dir DIR] [--algorithm ppo|grpo|rloo|reinforce_plus_plus] [--sft-from DIR]
 #                              [--sft-args "..."] [--rm-args "..."] [--ppo-args "..."] [--eval-samples N]
 #
 # --*-args are extra "--field value" overrides appended to that stage's JSON arguments.
-# --algorithm chooses the alignment stage after SFT; --sft-from DIR reuses an SFT checkpoint (skips the
-# asset and SFT stages, e.g. to compare algorithms from one SFT model).
+# --algorithm chooses the alignment stage after SFT (ppo: reward model + PPO; grpo, rloo, reinforce_plus_plus:
+# critic-free RL on the example task's rule reward, config/tiny/grpo_argument.json with --rl_algorithm; their
+# --ppo-args override that file); --sft-from DIR reuses an SFT checkpoint (skips the asset and SFT stages,
+# e.g. to compare algorithms from one SFT model).
 # Ends with DIR/report.json, PNG curves in DIR/plots/ and a table of generations before/after PPO.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,7 +37,8 @@ done
 
 case "$ALGORITHM" in
   ppo) ;;
-  *) echo "unknown --algorithm: $ALGORITHM (choose from: ppo)" >&2; exit 2 ;;
+  grpo|rloo|reinforce_plus_plus) ;;
+  *) echo "unknown --algorithm: $ALGORITHM (choose from: ppo, grpo, rloo, reinforce_plus_plus)" >&2; exit 2 ;;
 esac
 
 PYTHON="${PYTHON:-python}"
@@ -84,8 +87,19 @@ run_ppo() {
     --prompts "$TEST_PROMPTS" --samples "$EVAL_SAMPLES" --output "$OUT/eval_ppo.json"
 }
 
+run_critic_free() {  # no reward model, no critic: the example task's ground truth is the reward
+  stage eval_sft "$PYTHON" scripts/evaluate_policy.py --policy "$SFT" --reward-functions task_score \
+    --prompts "$TEST_PROMPTS" --samples "$EVAL_SAMPLES" --output "$OUT/eval_sft.json"
+  # shellcheck disable=SC2086
+  stage "$ALGORITHM" "$PYTHON" alignment/ppo/run_ppo.py config/tiny/grpo_argument.json --rl_algorithm "$ALGORITHM" \
+    --actor_model_name_or_path "$SFT" --output_dir "$OUT/$ALGORITHM" $PPO_ARGS
+  stage eval_policy "$PYTHON" scripts/evaluate_policy.py --policy "$OUT/$ALGORITHM/policy" --reward-functions task_score \
+    --prompts "$TEST_PROMPTS" --samples "$EVAL_SAMPLES" --output "$OUT/eval_ppo.json"
+}
+
 case "$ALGORITHM" in
   ppo) run_ppo ;;
+  grpo|rloo|reinforce_plus_plus) run_critic_free ;;
 esac
 
 echo

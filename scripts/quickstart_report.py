@@ -2,8 +2,9 @@
 
     python scripts/quickstart_report.py --output-dir quickstart_output
 
-Reads ``sft/``, ``rm/`` and ``ppo/`` metrics (``metrics.jsonl``), ``eval_sft.json`` and
-``eval_ppo.json`` (scripts/evaluate_policy.py) and ``stage_seconds.json`` (scripts/quickstart.sh).
+Reads ``sft/``, ``rm/`` and ``<algorithm>/`` metrics (``metrics.jsonl``; ``ppo/`` for PPO, ``grpo/`` etc. for
+the critic-free algorithms, which have no reward model), ``eval_sft.json`` and ``eval_ppo.json`` (the trained
+policy's, whatever the algorithm; scripts/evaluate_policy.py) and ``stage_seconds.json`` (scripts/quickstart.sh).
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ PLOTS = {
     "reward_model_training.png": ("rm", ["loss", "accuracy", "eval_accuracy", "eval_loss", "eval_rewards_mean"], "Reward model"),
     "sft_training.png": ("sft", ["loss", "eval_loss", "eval_ppl"], "SFT"),
 }  # fmt: skip
+#: Curves of a critic-free stage (``<algorithm>/metrics.jsonl``), drawn as ``<algorithm>_training.png``.
+CRITIC_FREE_KEYS = [
+    "train/reward", "eval/reward", "train/group_reward_std", "train/zero_variance_groups", "train/kl_divergence",
+    "train/entropy", "train/clip_fraction", "train/mean_generated_length", "train/actor_loss", "train/ptx_loss",
+]  # fmt: skip
 
 
 def last_value(records: list[dict], key: str):
@@ -45,9 +51,9 @@ def sample_table(before: dict, after: dict, rows: int = 8) -> list[dict]:
             {
                 "prompt": prompt,
                 "sft_response": generation["response"],
-                "sft_reward": generation["reward"],
+                "sft_reward": generation.get("reward"),
                 "ppo_response": first_after[prompt]["response"],
-                "ppo_reward": first_after[prompt]["reward"],
+                "ppo_reward": first_after[prompt].get("reward"),
             }
         )
         if len(table) == rows:
@@ -64,33 +70,41 @@ def build_report(output_dir: str) -> dict:
             return json.load(file)
 
     run = load("quickstart.json") if os.path.isfile(os.path.join(output_dir, "quickstart.json")) else {}
+    algorithm = run.get("algorithm", "ppo")
     before, after = load("eval_sft.json"), load("eval_ppo.json")
-    rm_records = read_metrics(os.path.join(output_dir, "rm"))
+    has_rm = os.path.isdir(os.path.join(output_dir, "rm"))
+    rm_records = read_metrics(os.path.join(output_dir, "rm")) if has_rm else []
     plots = {}
-    for filename, (stage, keys, title) in PLOTS.items():
+    stages = dict(PLOTS)
+    if algorithm != "ppo":
+        stages = {f"{algorithm}_training.png": (algorithm, CRITIC_FREE_KEYS, algorithm.upper()), **PLOTS}
+    for filename, (stage, keys, title) in stages.items():
         path = os.path.join(output_dir, stage, "metrics.jsonl")
         if os.path.isfile(path):
             target = os.path.join(output_dir, "plots", filename)
             if plot_metrics(path, keys, target, title=title):
                 plots[stage] = target
+    policy_stage = "ppo" if algorithm == "ppo" else algorithm
+    checkpoints = {"sft": run.get("sft", os.path.join(output_dir, "sft")), "policy": os.path.join(output_dir, policy_stage, "policy")}
+    if has_rm:
+        checkpoints["reward_model"] = os.path.join(output_dir, "rm")
+    if os.path.isdir(os.path.join(output_dir, policy_stage, "value")):
+        checkpoints["value"] = os.path.join(output_dir, policy_stage, "value")
     report = {
-        "algorithm": run.get("algorithm", "ppo"),
+        "algorithm": algorithm,
         "rm_eval_accuracy": last_value(rm_records, "eval_accuracy"),
-        "sft_reward_mean": before["reward_mean"],
-        "ppo_reward_mean": after["reward_mean"],
+        "sft_reward_mean": before.get("reward_mean"),
+        "ppo_reward_mean": after.get("reward_mean"),
         "sft_task_score": before.get("task_score_mean"),
         "ppo_task_score": after.get("task_score_mean"),
         "num_eval_prompts": before["num_prompts"],
         "num_eval_generations": before["num_generations"],
         "stage_seconds": load("stage_seconds.json"),
         "plots": plots,
-        "checkpoints": {
-            "sft": run.get("sft", os.path.join(output_dir, "sft")),
-            "reward_model": os.path.join(output_dir, "rm"),
-            "policy": os.path.join(output_dir, "ppo", "policy"),
-            "value": os.path.join(output_dir, "ppo", "value"),
-        },
-        "visualdl_logdirs": [os.path.join(output_dir, stage) for stage in ("sft", "rm", "ppo")],
+        "checkpoints": checkpoints,
+        "visualdl_logdirs": [
+            os.path.join(output_dir, stage) for stage in ("sft", "rm", policy_stage) if os.path.isdir(os.path.join(output_dir, stage))
+        ],
         "samples": sample_table(before, after),
     }
     return report
@@ -104,8 +118,9 @@ def print_report(report: dict) -> None:
 
     print(f"========== quick start report ({report['algorithm']}) ==========")
     print(f"reward model held-out accuracy : {fmt(report['rm_eval_accuracy'])}")
-    print(f"mean reward      SFT -> PPO    : {fmt(report['sft_reward_mean'])} -> {fmt(report['ppo_reward_mean'])}")
-    print(f"task score       SFT -> PPO    : {fmt(report['sft_task_score'])} -> {fmt(report['ppo_task_score'])}")
+    name = report["algorithm"].upper()
+    print(f"mean reward      SFT -> {name:<6} : {fmt(report['sft_reward_mean'])} -> {fmt(report['ppo_reward_mean'])}")
+    print(f"task score       SFT -> {name:<6} : {fmt(report['sft_task_score'])} -> {fmt(report['ppo_task_score'])}")
     print(f"({report['num_eval_generations']} sampled generations on {report['num_eval_prompts']} held-out prompts)")
     print("seconds per stage: " + ", ".join(f"{k} {v}" for k, v in report["stage_seconds"].items()))
     print()

@@ -1,4 +1,4 @@
-"""Policy evaluation: generate for held-out prompts, score with the reward model, keep the texts."""
+"""Policy evaluation: generate for held-out prompts, score with the reward (model and/or reward source), keep the texts."""
 
 from __future__ import annotations
 
@@ -100,11 +100,13 @@ def evaluate_policy(trainer: Any, dataset: Any, step: int, num_table_rows: int =
     rows: list[dict[str, Any]] = []
     batches = range(0, len(indices), batch_size)
     for begin in tqdm(batches, desc="evaluation", leave=False, disable=args.disable_tqdm or not is_main_process()):
-        batch = collator([dataset[i] for i in indices[begin : begin + batch_size]])
+        batch_indices = indices[begin : begin + batch_size]
+        batch = collator([dataset[i] for i in batch_indices])
         sequences = trainer.generate(batch["input_ids"], batch["attention_mask"], do_sample=args.eval_do_sample, num_return_sequences=1)
         attention_mask = make_rollout_attention_mask(batch["attention_mask"], sequences, trainer.tokenizer.eos_token_id)
-        rewards = trainer.reward_score(sequences, attention_mask).numpy()
         prompt_width = batch["input_ids"].shape[1]
+        rewards, parts = trainer.sequence_rewards(sequences, attention_mask, prompt_width, batch_indices, dataset)
+        rewards = rewards.numpy()
         lengths = attention_mask[:, prompt_width:].astype("int64").sum(axis=-1).numpy()
         for row in range(sequences.shape[0]):
             mask = attention_mask[row].numpy().astype(bool)
@@ -114,7 +116,9 @@ def evaluate_policy(trainer: Any, dataset: Any, step: int, num_table_rows: int =
             prompt_text = trainer.tokenizer.decode(prompt_ids.tolist(), skip_special_tokens=True)
             full_text = trainer.tokenizer.decode(full_ids.tolist(), skip_special_tokens=True)
             user, response = split_prompt_response(prompt_text, full_text)
-            rows.append({"prompt": user, "response": response, "reward": float(rewards[row]), "length": int(lengths[row])})
+            entry = {"prompt": user, "response": response, "reward": float(rewards[row]), "length": int(lengths[row])}
+            entry.update({f"reward_{name}": float(values[row]) for name, values in parts.items()})
+            rows.append(entry)
 
     directory = os.path.join(args.output_dir, "eval_generations")
     os.makedirs(directory, exist_ok=True)
@@ -123,8 +127,10 @@ def evaluate_policy(trainer: Any, dataset: Any, step: int, num_table_rows: int =
             file.write(json.dumps(row, ensure_ascii=False) + "\n")
 
     rewards = np.asarray([r["reward"] for r in rows], dtype=np.float64)
-    count, total, squares, length_total = all_reduce_sum(
+    part_names = sorted(k for k in (rows[0] if rows else {}) if k.startswith("reward_"))
+    count, total, squares, length_total, *part_totals = all_reduce_sum(
         [len(rows), rewards.sum(), np.square(rewards).sum(), float(sum(r["length"] for r in rows))]
+        + [float(sum(r[name] for r in rows)) for name in part_names]
     )
     mean = total / max(count, 1)
     variance = max(squares / max(count, 1) - mean**2, 0.0)
@@ -134,4 +140,5 @@ def evaluate_policy(trainer: Any, dataset: Any, step: int, num_table_rows: int =
         "eval/reward": mean,
         "eval/reward_std": float(np.sqrt(variance)),
         "eval/mean_generated_length": length_total / max(count, 1),
+        **{f"eval/{name}": value / max(count, 1) for name, value in zip(part_names, part_totals)},
     }

@@ -29,7 +29,6 @@ from alignment.models.lagrange import LagrangeMultiplier, add_kl_divergence_to_c
 from alignment.models.ppo_model_utils import critic_loss_fn, get_advantages_and_returns, masked_mean
 from alignment.ppo.eval_utils import score_sequences
 from alignment.ppo.ppo_trainer import PPOTrainer
-from alignment.ppo.rl_trainer import RolloutSettings
 from alignment.ppo.trainer_utils import StepTrainer, world_info
 
 __all__ = ["PPOLagModelArgument", "PPOLagArguments", "ppo_lag_problems", "gather_in_data_order", "PPOLagTrainer"]
@@ -124,23 +123,13 @@ class PPOLagTrainer(PPOTrainer):
         actor_trainer: StepTrainer,
         critic_trainer: StepTrainer,
         cost_critic_trainer: StepTrainer,
-        reference_model: paddle.nn.Layer,
-        reward_model: paddle.nn.Layer,
         cost_model: paddle.nn.Layer,
-        tokenizer: Any,
-        reward_tokenizer: Any,
         cost_tokenizer: Any,
-        train_dataset: Any,
-        rollout: RolloutSettings,
-        eval_dataset: Any = None,
-        ptx_dataset: Any = None,
-        generate_fn: Any = None,
+        **ppo_kwargs: Any,
     ) -> None:
-        super().__init__(
-            args, actor_trainer, critic_trainer, reference_model, reward_model, tokenizer, reward_tokenizer,
-            train_dataset, rollout, eval_dataset, ptx_dataset, generate_fn,
-            extra_trainers={"cost_critic": cost_critic_trainer},
-        )  # fmt: skip
+        """``ppo_kwargs``: :class:`PPOTrainer`'s keyword arguments (``reference_model``, ``reward_model``,
+        ``tokenizer``, ``reward_tokenizer``, ``train_dataset``, ``rollout``, ...)."""
+        super().__init__(args, actor_trainer, critic_trainer, extra_trainers={"cost_critic": cost_critic_trainer}, **ppo_kwargs)
         self.cost_model = cost_model
         self.cost_tokenizer = cost_tokenizer
         cost_model.eval()

@@ -21,10 +21,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import paddle
 
 from alignment.models.ppo_model_utils import (
     actor_loss_fn,
+    entropy_from_logits,
+    kl_penalty,
+    masked_loss_mean,
+    ratio_clip_fraction,
     add_kl_divergence_regularization,
     critic_loss_fn,
     gather_log_probabilities,
@@ -34,7 +39,7 @@ from alignment.models.ppo_model_utils import (
     make_sequence_mask,
     masked_mean,
 )
-from alignment.ppo.eval_utils import score_sequences
+from alignment.ppo.eval_utils import score_sequences, split_prompt_response
 from alignment.ppo.rl_trainer import RLTrainer, RolloutSettings, response_logits
 from alignment.ppo.trainer_utils import StepTrainer
 
@@ -42,26 +47,30 @@ __all__ = ["PPOTrainer", "response_logits"]
 
 
 class PPOTrainer(RLTrainer):
-    MODEL_ROLES = ("actor", "reward_critic")
-
     """PPO with an actor, a frozen reference, a critic and a frozen reward model.
 
     Trains ``MODEL_ROLES = ("actor", "reward_critic")``; ``critic_trainer`` is the ``"reward_critic"``.
 
     Args (besides :class:`RLTrainer`'s):
         reference_model: frozen copy of the SFT policy (KL anchor).
-        reward_model: frozen score model (``end_scores`` = reward).
+        reward_model: frozen score model (``end_scores`` = reward), or None when ``reward_source``
+            gives the whole reward.
         reward_tokenizer: the reward model's tokenizer; when it differs from the actor's, rollouts
             are decoded and re-encoded for it (with its own mask).
+        reward_source: an :class:`alignment.rewards.RewardSource` scoring the decoded
+            (prompt, response, extras) texts (rule functions, a remote service); added to the
+            reward model's score when both are given.
     """
+
+    MODEL_ROLES = ("actor", "reward_critic")
 
     def __init__(
         self,
         args: Any,
         actor_trainer: StepTrainer,
-        critic_trainer: StepTrainer,
+        critic_trainer: StepTrainer | None,
         reference_model: paddle.nn.Layer,
-        reward_model: paddle.nn.Layer,
+        reward_model: paddle.nn.Layer | None,
         tokenizer: Any,
         reward_tokenizer: Any,
         train_dataset: Any,
@@ -69,19 +78,26 @@ class PPOTrainer(RLTrainer):
         eval_dataset: Any = None,
         ptx_dataset: Any = None,
         generate_fn: Any = None,
+        reward_source: Any = None,
         extra_trainers: dict[str, StepTrainer] | None = None,
     ) -> None:
-        # extra_trainers: the step trainers of a subclass's further MODEL_ROLES (e.g. PPO-Lag's cost critic).
-        trainers = {"actor": actor_trainer, "reward_critic": critic_trainer, **(extra_trainers or {})}
+        trainers = {"actor": actor_trainer}
+        if critic_trainer is not None:
+            trainers["reward_critic"] = critic_trainer
+        trainers.update(extra_trainers or {})  # a subclass's further MODEL_ROLES (e.g. PPO-Lag's cost critic)
         super().__init__(args, trainers, tokenizer, train_dataset, rollout, eval_dataset, ptx_dataset, generate_fn)
+        if reward_model is None and reward_source is None:
+            raise ValueError("PPOTrainer needs a reward: a reward model and/or a reward source")
         self.reference_model = reference_model
         self.reward_model = reward_model
         self.reward_tokenizer = reward_tokenizer
-        for model in (reference_model, reward_model):
+        self.reward_source = reward_source
+        frozen = [model for model in (reference_model, reward_model) if model is not None]
+        for model in frozen:
             model.eval()
             for parameter in model.parameters():
                 parameter.stop_gradient = True
-        self.offload.offload_now("freeze_model", reference_model, reward_model)
+        self.offload.offload_now("freeze_model", *frozen)
 
     @property
     def critic_trainer(self) -> StepTrainer:
@@ -113,6 +129,57 @@ class PPOTrainer(RLTrainer):
                 batch_size=self.args.per_device_experience_batch_size,
             )  # fmt: skip
 
+    def sequence_rewards(
+        self,
+        sequences: paddle.Tensor,
+        attention_mask: paddle.Tensor,
+        prompt_width: int,
+        prompt_indices: list[int] | None = None,
+        dataset: Any = None,
+    ) -> tuple[paddle.Tensor, dict[str, np.ndarray]]:
+        """``([B] float32 reward, {part name: [B] values})`` of rollout rows.
+
+        The reward is the reward model's score (if any) plus ``reward_source`` on the decoded texts (if
+        any). ``prompt_indices`` (``[P]``, rows ``i*n .. i*n+n-1`` answer prompt ``i``) with ``dataset``
+        give each row's raw sample: its ``input`` is the prompt text and its other fields the extras;
+        without them the prompt is decoded from the tokens.
+        """
+        parts: dict[str, np.ndarray] = {}
+        total = None
+        if self.reward_model is not None:
+            total = self.reward_score(sequences, attention_mask)
+            if self.reward_source is not None:
+                parts["reward_model"] = total.numpy()
+        if self.reward_source is not None:
+            prompts, responses, extras = self.decode_rollout(sequences, attention_mask, prompt_width, prompt_indices, dataset)
+            values = self.reward_source.score(prompts, responses, extras)
+            parts.update(self.reward_source.parts() or {self.reward_source.name: values})
+            text_reward = paddle.to_tensor(values)
+            total = text_reward if total is None else total + text_reward
+        return total, parts
+
+    def decode_rollout(
+        self, sequences: paddle.Tensor, attention_mask: paddle.Tensor, prompt_width: int, prompt_indices=None, dataset=None
+    ) -> tuple[list[str], list[str], list[dict]]:
+        """``(prompts, responses, extras)`` texts of rollout rows (see :meth:`sequence_rewards`)."""
+        ids, mask = sequences.numpy(), attention_mask.numpy().astype(bool)
+        rows = ids.shape[0]
+        responses = [
+            self.tokenizer.decode(ids[row, prompt_width:][mask[row, prompt_width:]].tolist(), skip_special_tokens=True).strip()
+            for row in range(rows)
+        ]
+        if prompt_indices is not None and dataset is not None and hasattr(dataset, "raw_sample"):
+            repeats = rows // len(prompt_indices)
+            samples = [dataset.raw_sample(i) for i in prompt_indices for _ in range(repeats)]
+            prompts = [_prompt_text(sample.get("input")) for sample in samples]
+            extras = [{k: v for k, v in sample.items() if k != "input"} for sample in samples]
+            return prompts, responses, extras
+        prompts = []
+        for row in range(rows):
+            prompt_text = self.tokenizer.decode(ids[row, :prompt_width][mask[row, :prompt_width]].tolist(), skip_special_tokens=True)
+            prompts.append(split_prompt_response(prompt_text, prompt_text)[0])
+        return prompts, responses, [{} for _ in range(rows)]
+
     def values_of(self, model: paddle.nn.Layer, input_ids, attention_mask, position_ids, start: int = 0) -> paddle.Tensor:
         """``[B, T - start]`` critic values ``V(prefix ending at t)`` for ``t = start .. T-1``."""
 
@@ -137,7 +204,7 @@ class PPOTrainer(RLTrainer):
         log_probs = self.log_probs_of(self.actor_trainer.rollout_model, sequences, attention_mask, position_ids, start)
         with self.offload.use("freeze_model", self.reference_model):
             ref_log_probs = self.log_probs_of(self.reference_model, sequences, attention_mask, position_ids, start)
-        reward = self.reward_score(sequences, attention_mask)
+        reward, reward_parts = self.sequence_rewards(sequences, attention_mask, prompt_input_ids.shape[1], prompt_indices, self.train_dataset)
         values = self.values_of(self.critic_trainer.rollout_model, sequences, attention_mask, position_ids, start)
 
         # Everything below lives on the response columns t = start .. L-2 only ([B, L-1-start]).
@@ -159,6 +226,7 @@ class PPOTrainer(RLTrainer):
             "train/reward_value": float(masked_mean(values, response_mask).item()),
             "train/mean_generated_length": float(lengths.mean().item()),
             "train/max_generated_length": float(lengths.max().item()),
+            **{f"train/reward_{name}": float(np.mean(values)) for name, values in reward_parts.items()},
         }
         return {
             "input_ids": sequences,
@@ -193,16 +261,49 @@ class PPOTrainer(RLTrainer):
             values, batch["old_values"], batch["returns"], batch["response_mask"], args.clip_range_value, args.loss_mean_type
         )
 
-    def actor_loss(self, logits: paddle.Tensor, batch: dict[str, Any]) -> paddle.Tensor:
-        """PPO-clip loss from ``logits [B, R, V]`` at the response columns (predicting tokens ``start+1 ..``)."""
+    #: Metrics recorded by :meth:`actor_loss` (broadcast from the last pipeline stage).
+    ACTOR_METRICS = ("train/entropy", "train/clip_fraction", "train/kl_loss")
+
+    def actor_loss(self, logits: paddle.Tensor, batch: dict[str, Any], metrics: dict[str, float] | None = None) -> paddle.Tensor:
+        """Policy loss from ``logits [B, R, V]`` at the response columns (predicting tokens ``start+1 ..``).
+
+        PPO-clip with ``(1 - clip_range_ratio_low, 1 + clip_range_ratio_high)`` (both default to
+        ``clip_range_ratio``), plus ``kl_loss_coeff`` x the ``kl_estimator`` KL to the reference, minus
+        ``entropy_coeff`` x the entropy; each term reduced with ``loss_mean_type``. Records entropy, clip
+        fraction and the KL term in ``metrics``.
+        """
         args = self.args
+        mask, mean_type = batch["response_mask"], args.loss_mean_type
+        clip = dict(clip_range_ratio_low=args.clip_range_ratio_low, clip_range_ratio_high=args.clip_range_ratio_high)
         log_probs = gather_log_probabilities(logits, batch["input_ids"][:, batch["start"] + 1 :])
-        return actor_loss_fn(
-            log_probs, batch["old_log_probs"], batch["advantages"], batch["response_mask"],
-            args.clip_range_ratio, args.loss_mean_type,
-        )  # fmt: skip
+        loss = actor_loss_fn(log_probs, batch["old_log_probs"], batch["advantages"], mask, args.clip_range_ratio, mean_type, **clip)
+        kl_loss = paddle.zeros([])
+        if args.kl_loss_coeff > 0:
+            kl_loss = masked_loss_mean(kl_penalty(log_probs, batch["ref_log_probs"], args.kl_estimator or "k3"), mask, mean_type)
+            loss = loss + args.kl_loss_coeff * kl_loss
+        if args.entropy_coeff > 0:
+            entropy = masked_loss_mean(entropy_from_logits(logits), mask, mean_type)
+            loss = loss - args.entropy_coeff * entropy
+        else:
+            with paddle.no_grad():
+                entropy = masked_loss_mean(entropy_from_logits(logits.detach()), mask, mean_type)
+        if metrics is not None:
+            fraction = ratio_clip_fraction(log_probs, batch["old_log_probs"], batch["advantages"], mask, args.clip_range_ratio, **clip)
+            metrics.update({
+                "train/entropy": float(entropy.item()),
+                "train/clip_fraction": float(fraction.item()),
+                "train/kl_loss": float(kl_loss.item()),
+            })  # fmt: skip
+        return loss
 
     def rl_step(self, batch: dict[str, Any], loss_weight: float, accumulating: bool, actor_accumulating: bool) -> dict[str, float]:
         critic_loss, _ = self.backward_on("reward_critic", batch, lambda values, b, _: self.critic_loss(values, b), loss_weight, accumulating)
-        actor_loss, _ = self.backward_on("actor", batch, lambda logits, b, _: self.actor_loss(logits, b), loss_weight, actor_accumulating)
-        return {"train/actor_loss": actor_loss, "train/reward_critic_loss": critic_loss}
+        actor_loss, metrics = self.backward_on("actor", batch, self.actor_loss, loss_weight, actor_accumulating, self.ACTOR_METRICS)
+        return {"train/actor_loss": actor_loss, "train/reward_critic_loss": critic_loss, **metrics}
+
+
+def _prompt_text(value: Any) -> str:
+    """The user's prompt of a raw sample's ``input`` (a dialogue's last user turn)."""
+    if isinstance(value, (list, tuple)):
+        return str(value[-1]) if value else ""
+    return "" if value is None else str(value)

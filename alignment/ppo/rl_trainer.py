@@ -380,6 +380,32 @@ class RLTrainer(abc.ABC):
                 progress=not self.args.disable_tqdm and is_main_process(),
             )
 
+    def sample_rollout(self, prompt_batch: dict[str, Any]) -> paddle.Tensor:
+        """The rollout's sequences ``[P * n, S + N]``, with reproducible sampling.
+
+        By default the sampling RNG is seeded from ``(seed, global_step, data-parallel rank)``: all ranks
+        of a tensor/pipeline replica sample the same responses. With ``rollout_seed_per_prompt`` each
+        prompt's n samples are drawn separately from ``(seed, global_step, its dataset index)``, so the
+        responses do not depend on how prompts are spread over ranks (N processes reproduce one) at the
+        cost of one generation call per prompt.
+        """
+        args, step = self.args, self.state.global_step
+        indices = prompt_batch.get("prompt_index")
+        if not getattr(args, "rollout_seed_per_prompt", False) or indices is None:
+            paddle.seed(rollout_seed(args.seed, step, self.dp_rank))
+            return self.generate(prompt_batch["input_ids"], prompt_batch["attention_mask"])
+        parts = []
+        for row, index in enumerate(indices):
+            paddle.seed(rollout_seed(args.seed, step, 1_000_003 + int(index)))
+            parts.append(self.generate(prompt_batch["input_ids"][row : row + 1], prompt_batch["attention_mask"][row : row + 1]))
+        width = max(part.shape[1] for part in parts)
+        pad = self.tokenizer.pad_token_id
+        parts = [
+            paddle.concat([p, paddle.full([p.shape[0], width - p.shape[1]], pad, dtype=p.dtype)], axis=1) if p.shape[1] < width else p
+            for p in parts
+        ]  # fmt: skip
+        return paddle.concat(parts, axis=0)
+
     # ---------------------------------------------------------------------------------- training
     def train(self, resume_from_checkpoint: str | None = None) -> TrainerState:
         """Run until ``total_steps`` optimizer updates; returns the final state."""
@@ -419,13 +445,11 @@ class RLTrainer(abc.ABC):
     def train_on_rollout(self, prompt_batch: dict[str, paddle.Tensor]) -> None:
         """Generate, build experience, and make ``updates_per_rollout`` optimizer updates."""
         args = self.args
-        # The data-parallel rank: all ranks of a tensor/pipeline replica must sample the same responses.
-        paddle.seed(rollout_seed(args.seed, self.state.global_step, self.dp_rank))
         self.set_train(False)
         start = time.perf_counter()
         self.export_rollout_models()
         with paddle.no_grad():
-            sequences = self.generate(prompt_batch["input_ids"], prompt_batch["attention_mask"])
+            sequences = self.sample_rollout(prompt_batch)
             generated = time.perf_counter()
             attention_mask = make_rollout_attention_mask(prompt_batch["attention_mask"], sequences, self.tokenizer.eos_token_id)
             experience = self.make_experience(

@@ -136,6 +136,11 @@ class TrainingArguments(PPOLagArguments, PaddleTrainingArguments):
     )
     num_return_sequences: int = field(default=1, metadata={"help": "Samples generated per prompt (a GRPO/RLOO group)."})
     rollout_n: Optional[int] = field(default=None, metadata={"help": "Upstream alias of num_return_sequences."})
+    rollout_seed_per_prompt: bool = field(
+        default=False,
+        metadata={"help": "Seed each prompt's sampling from (seed, step, prompt index) and generate prompt by prompt: "
+                          "rollouts independent of the number of data-parallel ranks (slower generation)."},
+    )  # fmt: skip
     advantage_epsilon: float = field(default=1e-6, metadata={"help": "GRPO: (s - mean) / (std + epsilon)."})
     norm_adv_by_std: bool = field(default=True, metadata={"help": "GRPO: divide by the group std (False: Dr. GRPO)."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (0 = greedy)."})
@@ -429,7 +434,9 @@ def _rollout_copy(model: Any, tensor_parallel_degree: int, tensor_parallel_rank:
 
 
 def load_models(model_args: ModelArgument, args: TrainingArguments) -> dict[str, Any]:
-    """The four PPO models, plus the actor/critic rollout models with ``eval_mode``.
+    """The PPO models, plus the actor/critic rollout models with ``eval_mode``.
+
+    Critic-free ``rl_algorithm`` values load no critic; without ``reward_model_name_or_path`` no reward model.
 
     Actor and critic get the training tensor-parallel layout; reference and reward the rollout layout
     (``eval_mode: single``: not split; otherwise the training one), as the rollout models. Under pipeline
@@ -462,9 +469,13 @@ def load_models(model_args: ModelArgument, args: TrainingArguments) -> dict[str,
     models = {
         "actor": load(lm_class, actor_path, train_tp, tensor_parallel_output=False),
         "reference": load(lm_class, actor_path, eval_tp, tensor_parallel_output=False),
-        "reward": load(_score_model_class(reward_path), reward_path, eval_tp, score_type="reward", do_normalize=args.normalize_reward),
-        "critic": load(_score_model_class(critic_path), critic_path, train_tp, score_type="critic", do_normalize=False),
     }
+    if reward_path:  # critic-free algorithms may score with reward functions / a reward server only
+        models["reward"] = load(
+            _score_model_class(reward_path), reward_path, eval_tp, score_type="reward", do_normalize=args.normalize_reward
+        )
+    if uses_critic(args):
+        models["critic"] = load(_score_model_class(critic_path), critic_path, train_tp, score_type="critic", do_normalize=False)
     if args.rl_algorithm == "ppo_lag":  # Safe RLHF: a frozen cost model and a cost critic
         cost_path = model_args.cost_model_name_or_path
         cost_critic_path = model_args.cost_critic_model_name_or_path or cost_path
@@ -514,9 +525,16 @@ def build_trainer(model_args: ModelArgument, data_args: DataArgument, args: Trai
     max_new_tokens = args.max_new_tokens or data_args.max_length
     tokenizer = load_tokenizer(model_args.actor_model_name_or_path, padding_side="left", model_max_length=data_args.max_length + max_new_tokens)
     check_model_compatibility(model_args, data_args, args, tokenizer, source)
-    reward_tokenizer = load_tokenizer(model_args.reward_model_name_or_path, padding_side="right")
-    if is_same_tokenizer(tokenizer, reward_tokenizer):
-        reward_tokenizer = tokenizer
+    reward_tokenizer = tokenizer
+    if model_args.reward_model_name_or_path:
+        reward_tokenizer = load_tokenizer(model_args.reward_model_name_or_path, padding_side="right")
+        if is_same_tokenizer(tokenizer, reward_tokenizer):
+            reward_tokenizer = tokenizer
+    from alignment.rewards import build_reward_source
+
+    reward_source = build_reward_source(
+        model_args.reward_functions, model_args.reward_server, model_args.custom_reward_modules
+    )
     critic_path = model_args.reward_critic_model_name_or_path
     if critic_path and not is_same_tokenizer(tokenizer, load_tokenizer(critic_path)):
         raise ValueError(
@@ -530,31 +548,6 @@ def build_trainer(model_args: ModelArgument, data_args: DataArgument, args: Trai
         models["actor"], args, name="actor", tokenizer=tokenizer,
         pipeline=models.get("actor_pipeline"), eval_model=models.get("actor_eval"),
     )  # fmt: skip
-    critic_args = derive_args(
-        args,
-        learning_rate=args.critic_learning_rate,
-        weight_decay=args.critic_weight_decay,
-        lr_scheduler_type=args.critic_lr_scheduler_type,
-        warmup_ratio=args.critic_warmup_ratio,
-        recompute=args.critic_recompute,
-    )
-    critic_trainer = StepTrainer(
-        models["critic"], critic_args, name="critic", tokenizer=tokenizer,
-        pipeline=models.get("critic_pipeline"), eval_model=models.get("critic_eval"),
-    )  # fmt: skip
-    if args.rl_algorithm == "ppo_lag":
-        cost_tokenizer = load_tokenizer(model_args.cost_model_name_or_path, padding_side="right")
-        cost_tokenizer = tokenizer if is_same_tokenizer(tokenizer, cost_tokenizer) else cost_tokenizer
-        cost_critic_path = model_args.cost_critic_model_name_or_path or model_args.cost_model_name_or_path
-        if not is_same_tokenizer(tokenizer, load_tokenizer(cost_critic_path)):
-            raise ValueError(
-                f"cost_critic_model_name_or_path: the cost critic's tokenizer ({cost_critic_path}) must equal the actor's: "
-                "values are computed on the actor's tokens"
-            )
-        cost_critic_trainer = StepTrainer(
-            models["cost_critic"], critic_args, name="cost_critic", tokenizer=tokenizer,
-            pipeline=models.get("cost_critic_pipeline"), eval_model=models.get("cost_critic_eval"),
-        )  # fmt: skip
     backend = args.rollout_backend
     if backend == "auto" and not args.use_fusemt:
         backend = "fast"  # use_fusemt=false keeps its upstream meaning: no fused GPU inference
@@ -568,28 +561,53 @@ def build_trainer(model_args: ModelArgument, data_args: DataArgument, args: Trai
         do_sample=args.temperature > 0,
         backend=backend,
     )
-    if args.rl_algorithm == "ppo_lag":
-        from alignment.ppo.ppo_lag_trainer import PPOLagTrainer
-
-        return PPOLagTrainer(
-            args, actor_trainer, critic_trainer, cost_critic_trainer, reference_model=models["reference"],
-            reward_model=models["reward"], cost_model=models["cost"], tokenizer=tokenizer,
-            reward_tokenizer=reward_tokenizer, cost_tokenizer=cost_tokenizer, train_dataset=datasets["train"],
-            rollout=rollout, eval_dataset=datasets["eval"], ptx_dataset=datasets["ptx"],
-        )  # fmt: skip
-    return PPOTrainer(
-        args,
-        actor_trainer,
-        critic_trainer,
+    common = dict(
         reference_model=models["reference"],
-        reward_model=models["reward"],
+        reward_model=models.get("reward"),
         tokenizer=tokenizer,
         reward_tokenizer=reward_tokenizer,
         train_dataset=datasets["train"],
         rollout=rollout,
         eval_dataset=datasets["eval"],
         ptx_dataset=datasets["ptx"],
+        reward_source=reward_source,
     )
+    if not uses_critic(args):
+        from alignment.ppo.critic_free_trainer import CriticFreeTrainer
+
+        return CriticFreeTrainer(args, actor_trainer, **common)
+    critic_args = derive_args(
+        args,
+        learning_rate=args.critic_learning_rate,
+        weight_decay=args.critic_weight_decay,
+        lr_scheduler_type=args.critic_lr_scheduler_type,
+        warmup_ratio=args.critic_warmup_ratio,
+        recompute=args.critic_recompute,
+    )
+    critic_trainer = StepTrainer(
+        models["critic"], critic_args, name="critic", tokenizer=tokenizer,
+        pipeline=models.get("critic_pipeline"), eval_model=models.get("critic_eval"),
+    )  # fmt: skip
+    if args.rl_algorithm == "ppo_lag":
+        from alignment.ppo.ppo_lag_trainer import PPOLagTrainer
+
+        cost_tokenizer = load_tokenizer(model_args.cost_model_name_or_path, padding_side="right")
+        cost_tokenizer = tokenizer if is_same_tokenizer(tokenizer, cost_tokenizer) else cost_tokenizer
+        cost_critic_path = model_args.cost_critic_model_name_or_path or model_args.cost_model_name_or_path
+        if not is_same_tokenizer(tokenizer, load_tokenizer(cost_critic_path)):
+            raise ValueError(
+                f"cost_critic_model_name_or_path: the cost critic's tokenizer ({cost_critic_path}) must equal the actor's: "
+                "values are computed on the actor's tokens"
+            )
+        cost_critic_trainer = StepTrainer(
+            models["cost_critic"], critic_args, name="cost_critic", tokenizer=tokenizer,
+            pipeline=models.get("cost_critic_pipeline"), eval_model=models.get("cost_critic_eval"),
+        )  # fmt: skip
+        return PPOLagTrainer(
+            args, actor_trainer, critic_trainer, cost_critic_trainer, cost_model=models["cost"],
+            cost_tokenizer=cost_tokenizer, **common,
+        )  # fmt: skip
+    return PPOTrainer(args, actor_trainer, critic_trainer, **common)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
