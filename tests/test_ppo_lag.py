@@ -172,3 +172,38 @@ def test_two_process_ppo_lag_matches_one_process(tmp_path, tiny_assets, tiny_sco
             assert two[step][key] == pytest.approx(one[step][key], rel=2e-3, abs=2e-4), (step, key)
     # The multiplier moved, identically: the window held both ranks' episode costs.
     assert abs(one[3]["train/lambda"] - 1.0) > 0.1
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_pipeline_parallel_ppo_lag_matches_one_process(tmp_path, tiny_assets, tiny_score_model, repo_root):
+    """PP=2: the cost critic is a pipeline (LlamaValuePipe) like the reward critic, its loss runs on the last
+    stage, and the run equals one process: metrics, lambda, and the saved cost critic."""
+    from safetensors.numpy import load_file
+
+    runs_script = os.path.join(repo_root, "tests", "dist_scripts", "ppo_runs.py")
+    # clipping every update + a large adam epsilon make a stage-local gradient norm visible (see test_ppo_parallel)
+    common = dict(temperature=0.0, max_steps=2, per_device_prompt_batch_size=4, gradient_accumulation_steps=2,
+                  max_grad_norm=0.05, adam_epsilon=1e-4, save_strategy="steps", save_steps=1)  # fmt: skip
+    single = write_config(tmp_path / "single.json", tiny_assets, tiny_score_model, repo_root, output_dir=str(tmp_path / "single"), **common)
+    pipeline = write_config(
+        tmp_path / "pp.json", tiny_assets, tiny_score_model, repo_root, output_dir=str(tmp_path / "pp"),
+        pipeline_parallel_degree=2, eval_mode="single", **common,
+    )  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=repo_root)
+    subprocess.run([sys.executable, runs_script, single], check=True, cwd=repo_root, env=env, capture_output=True, timeout=300)
+    launch_distributed(runs_script, [pipeline], nproc=2, log_dir=tmp_path / "logs", timeout=300, cwd=repo_root,
+                       env={"OMP_NUM_THREADS": "1"})  # fmt: skip
+
+    one, two = comparable(read_metrics(str(tmp_path / "single"))), comparable(read_metrics(str(tmp_path / "pp")))
+    assert sorted(one) == sorted(two) == [1, 2]
+    for step in one:
+        for key in COMPARABLE:
+            assert two[step][key] == pytest.approx(one[step][key], rel=2e-5, abs=2e-6), (step, key)
+    for part in ("policy", "value", "cost_value"):
+        want, have = load_file(str(tmp_path / "single" / part / "model.safetensors")), load_file(str(tmp_path / "pp" / part / "model.safetensors"))
+        assert want.keys() == have.keys(), part
+        for key in want:
+            assert abs(have[key] - want[key]).max() <= 1e-5, (part, key)
+    # Each stage saved the cost critic's AdamW moments of its own layers.
+    assert {f"cost_value-rank{r}.safetensors" for r in (0, 1)} <= set(os.listdir(tmp_path / "pp" / "checkpoint-2" / "optimizer"))
