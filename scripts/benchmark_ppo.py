@@ -8,6 +8,10 @@ warm-up; the medians of the next ``--steps`` are reported. Example (docs/benchma
 
     python scripts/benchmark_ppo.py --vocab-size 8000 --hidden-size 256 --intermediate-size 688 \\
         --num-layers 4 --num-heads 4 --batch-size 8 --prompt-len 32 --new-tokens 64 --steps 5 --json
+
+``--algorithm grpo`` (or another critic-free ``rl_algorithm``) times the same step without a critic:
+``--batch-size`` rows are ``--batch-size / --samples`` prompts x ``--samples`` responses (default 2 for
+the group estimators), scored by the random reward model; one optimizer step for the actor only.
 """
 
 from __future__ import annotations
@@ -28,8 +32,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_shape_arguments(parser)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--backend", default="auto", choices=["auto", "fast", "plain", "fused"], help="rollout backend")
+    parser.add_argument(
+        "--algorithm", default="ppo", choices=["ppo", "grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline"],
+        help="rl_algorithm: ppo trains a critic, the others do not",
+    )  # fmt: skip
+    parser.add_argument("--samples", type=int, default=None, help="responses per prompt (default 1; 2 for grpo/rloo)")
     args = parser.parse_args(argv)
     check_shape_arguments(parser, args, positive=("steps",))
+    if args.samples is None:
+        args.samples = 2 if args.algorithm in ("grpo", "rloo") else 1
+    if args.samples < 1 or args.batch_size % args.samples:
+        parser.error(f"--samples must be >= 1 and divide --batch-size ({args.batch_size}), got {args.samples}")
+    if args.algorithm in ("grpo", "rloo") and args.samples < 2:
+        parser.error(f"--algorithm {args.algorithm} needs --samples >= 2 (a group of one has no baseline)")
     return args
 
 
@@ -69,11 +84,14 @@ def build_trainer(args: argparse.Namespace, output_dir: str):
     actor = LlamaForCausalLM(config)
     reference = LlamaForCausalLM(config)
     reference.set_state_dict(actor.state_dict())
-    critic = LlamaModelForScore(config, score_type="critic")
+    critic = LlamaModelForScore(config, score_type="critic") if args.algorithm == "ppo" else None
     reward = LlamaModelForScore(config, score_type="reward")
+    prompts_per_step = args.batch_size // args.samples
     training_args = TrainingArguments(
         output_dir=output_dir,
-        per_device_prompt_batch_size=args.batch_size,
+        rl_algorithm=args.algorithm,
+        num_return_sequences=args.samples,
+        per_device_prompt_batch_size=prompts_per_step,
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size,
         max_steps=args.steps + 1,
@@ -86,8 +104,15 @@ def build_trainer(args: argparse.Namespace, output_dir: str):
     )
     # An EOS id outside the vocabulary is never sampled: every rollout has exactly --new-tokens.
     tokenizer = SimpleNamespace(eos_token_id=args.vocab_size, pad_token_id=0)
-    rollout = RolloutSettings(max_new_tokens=args.new_tokens, top_p=1.0, backend=args.backend)
-    prompts = RandomPrompts(args.batch_size * (args.steps + 1), args.prompt_len, args.vocab_size, args.seed)
+    rollout = RolloutSettings(max_new_tokens=args.new_tokens, top_p=1.0, backend=args.backend, num_return_sequences=args.samples)
+    prompts = RandomPrompts(prompts_per_step * (args.steps + 1), args.prompt_len, args.vocab_size, args.seed)
+    if critic is None:
+        from alignment.ppo.critic_free_trainer import CriticFreeTrainer
+
+        return CriticFreeTrainer(
+            training_args, StepTrainer(actor, training_args, name="actor"), reference_model=reference, reward_model=reward,
+            tokenizer=tokenizer, reward_tokenizer=tokenizer, train_dataset=prompts, rollout=rollout,
+        )  # fmt: skip
     return PPOTrainer(
         training_args,
         StepTrainer(actor, training_args, name="actor"),

@@ -194,3 +194,126 @@ def test_groups_survive_micro_batch_splits(tmp_path, tiny_assets, repo_root):
     assert whole_metrics[0]["train/zero_variance_groups"] < 2  # some learning signal
     for name in whole:
         np.testing.assert_allclose(split[name], whole[name], atol=2e-5, err_msg=name)  # Adam steps are ~lr = 1e-3
+
+
+RUN_PPO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "alignment", "ppo", "run_ppo.py")
+# Metrics whose definition does not depend on how the groups are spread over ranks and micro-batches.
+COMPARABLE = [
+    "train/actor_loss", "train/reward", "train/group_reward_std", "train/kl_divergence", "train/kl_loss", "train/entropy",
+    "train/mean_generated_length", "train/max_generated_length", "train/actor_lr",
+]  # fmt: skip
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_process_grpo_matches_one_process_with_the_same_global_batch(tmp_path, tiny_assets, repo_root):
+    """Sampled rollouts (rollout_seed_per_prompt), the rule reward, group advantages: metrics and weights agree."""
+    import subprocess
+    import sys
+
+    from alignment.parallel.launch import launch_distributed
+
+    common = dict(
+        reward_functions="length", custom_reward_modules=None, rollout_seed_per_prompt=True, max_steps=3, max_new_tokens=10,
+        kl_loss_coeff=0.1, learning_rate=5e-4, per_device_train_batch_size=2,
+    )  # fmt: skip
+    single = critic_free_config(tmp_path, tiny_assets, repo_root, "single", per_device_prompt_batch_size=4, gradient_accumulation_steps=4, **common)
+    double = critic_free_config(tmp_path, tiny_assets, repo_root, "double", per_device_prompt_batch_size=2, gradient_accumulation_steps=2, **common)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, RUN_PPO, single], check=True, cwd=repo_root, env=env, capture_output=True, timeout=300)
+    result = launch_distributed(RUN_PPO, [double], nproc=2, log_dir=tmp_path / "logs", timeout=300, cwd=repo_root)
+    assert "workerlog.1" in os.listdir(tmp_path / "logs")
+
+    def comparable(name):
+        return {r["step"]: r for r in read_metrics(str(tmp_path / name)) if "train/actor_loss" in r}
+
+    one, two = comparable("single"), comparable("double")
+    assert sorted(one) == sorted(two) == [1, 2, 3], (one, two, result.stdout[-2000:])
+    assert any(one[step]["train/group_reward_std"] > 0 for step in one)  # the groups carried a signal
+    for step in one:
+        for key in COMPARABLE:
+            assert two[step][key] == pytest.approx(one[step][key], rel=2e-3, abs=2e-4), (step, key)
+    from safetensors.numpy import load_file
+
+    weights_one = load_file(str(tmp_path / "single" / "policy" / "model.safetensors"))
+    weights_two = load_file(str(tmp_path / "double" / "policy" / "model.safetensors"))
+    initial = load_file(os.path.join(tiny_assets["llama"], "model.safetensors"))
+    assert any(not np.allclose(weights_one[k], initial[k]) for k in initial if k in weights_one)  # it trained
+    for name in weights_one:
+        np.testing.assert_allclose(weights_two[name], weights_one[name], atol=2e-4, err_msg=name)
+    assert not os.path.exists(tmp_path / "double" / "value")
+
+
+@pytest.mark.parametrize("name", ["config/tiny/grpo_argument.json", "config/llama/grpo_argument.json"])
+def test_critic_free_recipes_use_known_arguments(repo_root, name):
+    from alignment.utils.config import field_types, load_argument_file
+
+    config = load_argument_file(os.path.join(repo_root, name))
+    known = field_types((ModelArgument, DataArgument, TrainingArguments))
+    assert set(config) <= set(known), set(config) - set(known)
+    assert config["rl_algorithm"] == "grpo" and config["rollout_n"] >= 2
+    assert not {k for k in config if k.startswith("critic_") or k in ("reward_critic_model_name_or_path", "clip_range_value")}
+
+
+def test_benchmark_ppo_times_a_critic_free_step(repo_root):
+    """``benchmark_ppo.py --algorithm grpo``: the same JSON, a grouped rollout, no critic."""
+    import subprocess
+    import sys
+
+    shape = ["--vocab-size", "300", "--hidden-size", "32", "--intermediate-size", "64", "--num-layers", "2",
+             "--num-heads", "4", "--batch-size", "4", "--prompt-len", "6", "--new-tokens", "5", "--json", "--steps", "1"]  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "scripts/benchmark_ppo.py", *shape, "--algorithm", "grpo"],
+        cwd=repo_root, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["config"]["algorithm"] == "grpo" and report["config"]["samples"] == 2
+    for key in ("median_step_s", "generation_s", "experience_s", "train_s", "peak_rss_mb"):
+        assert report[key] > 0, key
+    bad = subprocess.run(
+        [sys.executable, "scripts/benchmark_ppo.py", *shape, "--algorithm", "rloo", "--samples", "1"],
+        cwd=repo_root, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert bad.returncode != 0 and "--samples" in bad.stderr
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_grpo_under_tensor_and_pipeline_parallel_matches_one_process(tmp_path, tiny_assets, repo_root):
+    """TP=2 and PP=2 (2 processes each, one job): both ranks of the replica sample the same groups, the
+    estimator sees whole groups, the actor loss (with its entropy / KL / clip metrics broadcast from the last
+    pipeline stage) runs inside the pipeline; metrics and the policy equal one process. No critic anywhere."""
+    from test_ppo_parallel import Runs  # the PPO parallel harness: run_ppo.main on several configs per job
+
+    data = os.path.join(repo_root, "data")
+    base = {
+        "rl_algorithm": "grpo", "rollout_n": 2, "reward_functions": "length", "kl_coeff": 0.0, "kl_loss_coeff": 0.1,
+        "entropy_coeff": 0.01, "clip_range_ratio_high": 0.3,
+        "train_datasets": f"PKU-SafeRLHF/train:1:{data}/safe_rlhf/train.jsonl",
+        "actor_model_name_or_path": tiny_assets["llama"], "max_length": 48, "max_new_tokens": 8,
+        "temperature": 1.0, "top_p": 1.0, "rollout_backend": "plain",
+        "per_device_prompt_batch_size": 2, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
+        "update_iters": 2, "learning_rate": 5e-4, "max_grad_norm": 0.05, "adam_epsilon": 1e-4, "max_steps": 4,
+        "logging_steps": 1, "save_strategy": "no", "do_train": True, "report_to": "none", "disable_tqdm": True, "seed": 13,
+    }  # fmt: skip
+    runs = Runs(tmp_path, base)
+    runs.base["max_steps"] = 4
+    runs.launch([runs.config("single")], nproc=1)
+    runs.launch([runs.config("tp", tensor_parallel_degree=2)], nproc=2)
+    runs.launch([runs.config("pp", pipeline_parallel_degree=2, eval_mode="single")], nproc=2)
+
+    keys = ["train/actor_loss", "train/reward", "train/group_reward_std", "train/zero_variance_groups", "train/kl_divergence",
+            "train/kl_loss", "train/entropy", "train/clip_fraction", "train/mean_generated_length"]  # fmt: skip
+    expected = {r["step"]: r for r in read_metrics(str(tmp_path / "single")) if "train/actor_loss" in r}
+    assert sorted(expected) == [2, 4] and all(r["train/kl_loss"] > 0 and r["train/entropy"] > 0 for r in expected.values())
+    for name in ("tp", "pp"):
+        got = {r["step"]: r for r in read_metrics(str(tmp_path / name)) if "train/actor_loss" in r}
+        assert sorted(got) == [2, 4], (name, got)
+        for step in expected:
+            for key in keys:
+                assert got[step][key] == pytest.approx(expected[step][key], rel=2e-5, abs=2e-6), (name, step, key)
+        want, have = runs.weights("single", "policy"), runs.weights(name, "policy")
+        for key in want:
+            np.testing.assert_allclose(have[key], want[key], rtol=0, atol=1e-5, err_msg=f"{name}/{key}")
+        assert not (tmp_path / name / "value").exists()

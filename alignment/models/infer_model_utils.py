@@ -17,7 +17,9 @@ the fused QKV / gate-up matrices, which are concatenated once per rollout unless
 * tables and masks ``expand``-ed to full shape once per step: Paddle's CPU elementwise kernels take
   26-70 us when broadcasting over a middle axis and 2-6 us on equal shapes;
 * GQA without ``repeat_kv`` (query heads grouped under their KV head, broadcast in the matmul);
-* ``fused_rms_norm`` with the residual add fused in, instead of six elementwise ops per norm.
+* ``fused_rms_norm`` with the residual add fused in, instead of six elementwise ops per norm, where the
+  CPU has AVX-512F (Paddle's CPU kernel needs it); its portable twin elsewhere or when
+  ``ALIGNMENT_PORTABLE_CPU=1`` (:mod:`alignment.models.kernels`).
 
 ``fused_weight_mapping`` / ``FusedInferenceModel`` wire the GPU path: paddlenlp's
 ``LlamaForCausalLMInferenceModel`` (needs the ``paddlenlp_ops`` custom ops) fed with the training weights.
@@ -30,8 +32,8 @@ import weakref
 
 import paddle
 import paddle.nn.functional as F
-from paddle.incubate.nn.functional import fused_rms_norm
 
+from alignment.models.kernels import select_rms_norm
 from alignment.models.ppo_model_utils import make_position_ids
 
 __all__ = [
@@ -135,6 +137,8 @@ class LlamaKVDecoder:
         self.hidden = config.hidden_size
         self.head_dim = self.hidden // self.num_heads
         self.eps = config.rms_norm_eps
+        # Fused RMSNorm where the CPU can run it (AVX-512F), its portable twin elsewhere (kernels.py).
+        self.rms_norm = select_rms_norm()
 
         # Weight snapshot: shared tensors (the fused ones are concatenated unless the model is fused).
         self.embed = backbone.embed_tokens.weight
@@ -262,15 +266,12 @@ class LlamaKVDecoder:
             )
         residual = None
         for index, (ln1, qkv, out, ln2, gate_up, down) in enumerate(self.layers):
-            if residual is None:
-                normed, residual = fused_rms_norm(hidden, ln1, None, self.eps, 2)[0], hidden
-            else:
-                normed, residual = fused_rms_norm(hidden, ln1, None, self.eps, 2, residual=residual)
+            normed, residual = self.rms_norm(hidden, ln1, self.eps, residual)
             attn = self._attention(normed, qkv, out, index, cos, sin, mask, start)
-            normed, residual = fused_rms_norm(attn, ln2, None, self.eps, 2, residual=residual)
+            normed, residual = self.rms_norm(attn, ln2, self.eps, residual)
             hidden = paddle.matmul(F.swiglu(paddle.matmul(normed, gate_up)), down)
         last = (hidden + residual if length == 1 else hidden[:, -1:] + residual[:, -1:]).reshape([batch, self.hidden])
-        return paddle.matmul(fused_rms_norm(last, self.final_norm, None, self.eps, 1)[0], self.lm_head)
+        return paddle.matmul(self.rms_norm(last, self.final_norm, self.eps, None)[0], self.lm_head)
 
     def prefill(self) -> paddle.Tensor:
         """Process the prompt; returns ``[B, V]`` float32 logits for the first new token."""

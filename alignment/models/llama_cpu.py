@@ -22,8 +22,10 @@ piece                          slow kernel                                   bef
 about 80 ms and a training step accordingly). :func:`enable_fast_cpu_llama` swaps them in, in
 ``paddlenlp.transformers.llama.modeling`` only; the math is unchanged (identical outputs up to
 float rounding, checked in ``tests/test_llama_cpu.py`` for values and gradients). Configurations
-these versions do not cover (flash attention, fused RMSNorm/RoPE, alibi, sequence parallel,
-pipeline positions) fall through to the original functions. Nothing is patched on GPU.
+these versions do not cover (flash attention, fused RoPE, alibi, sequence parallel, pipeline
+positions) fall through to the original functions. ``use_fused_rms_norm`` runs Paddle's fused CPU
+kernel where it can (AVX-512F) and the portable version elsewhere (:mod:`alignment.models.kernels`).
+Nothing is patched on GPU.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from typing import Any
 
 import paddle
 import paddle.nn.functional as F
+
+from alignment.models import kernels
 
 __all__ = ["enable_fast_cpu_llama", "disable_fast_cpu_llama", "fast_cpu_llama_enabled"]
 
@@ -46,8 +50,13 @@ def _modeling():
 
 
 def _rms_norm_forward(self, hidden_states: paddle.Tensor) -> paddle.Tensor:
-    if self.config.use_fused_rms_norm:
-        return _ORIGINALS["rms_norm_forward"](self, hidden_states)
+    # ``use_fused_rms_norm`` on CPU: Paddle's fused kernel where the CPU can execute it (AVX-512F) and no
+    # gradient is needed (it has no CPU backward kernel); elsewhere, or with ALIGNMENT_PORTABLE_CPU=1, the
+    # portable version below, same math. (PaddleNLP's own fused path imports the GPU-only ``fused_ln``
+    # package and cannot run on CPU at all.)
+    needs_grad = paddle.is_grad_enabled() and not (hidden_states.stop_gradient and self.weight.stop_gradient)
+    if self.config.use_fused_rms_norm and not needs_grad and kernels.fused_rms_norm_usable():
+        return kernels.fused_rms_norm(hidden_states, self.weight, self.variance_epsilon)[0]
     with paddle.amp.auto_cast(False):
         hidden_states = hidden_states.astype("float32")
         variance = paddle.square(hidden_states).mean(-1, keepdim=True)

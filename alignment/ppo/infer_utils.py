@@ -36,6 +36,7 @@ from alignment.models.infer_model_utils import (
     llama_decoder_unsupported_reason,
 )
 from alignment.models.ppo_model_utils import make_position_ids, make_response_mask
+from alignment.utils.env import cpu_path_summary
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,12 @@ def _warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
         logger.warning(message)
+
+
+def _info_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        logger.info(message)
 
 
 # eos id handed to paddlenlp when generation must not stop early: no token equals it.
@@ -235,6 +242,7 @@ def _generate_fast(
     """
     rng = np.random.default_rng(int(paddle.randint(0, 2**31 - 1, [1])))
     decoder = LlamaKVDecoder(model, input_ids, attention_mask, max_new_tokens)
+    _info_once(f"rollout: fast CPU decoder, {cpu_path_summary()}")
     logits = decoder.prefill()
     presence = None
     if params.repetition_penalty != 1.0:

@@ -222,13 +222,14 @@ class PPOLagTrainer(PPOTrainer):
         )
         lambda_value = self.lagrange.lambda_value
         actor_batch = {**batch, "advantages": combine_advantages(batch["advantages"], batch["cost_advantages"], lambda_value)}
-        actor_loss, _ = self.backward_on(
-            "actor", actor_batch, lambda logits, b, _: self.actor_loss(logits, b), loss_weight, actor_accumulating
+        actor_loss, actor_metrics = self.backward_on(
+            "actor", actor_batch, self.actor_loss_with_metrics, loss_weight, actor_accumulating, self.ACTOR_METRICS
         )
         return {
             "train/actor_loss": actor_loss,
             "train/reward_critic_loss": reward_critic_loss,
             "train/cost_critic_loss": cost_critic_loss,
+            **actor_metrics,
         }
 
     # ----------------------------------------------------------------------------- checkpoints

@@ -62,6 +62,7 @@ from alignment.models.ppo_model_utils import make_rollout_attention_mask, ptx_lo
 from alignment.ppo.comm_utils import OffloadManager, model_parallel_broadcast_guard, tensor_parallel_degree
 from alignment.ppo.trainer_utils import (
     GlobalBatchSampler,
+    IntegrationReporter,
     StepTrainer,
     all_reduce_max,
     all_reduce_mean,
@@ -194,8 +195,9 @@ class RLTrainer(abc.ABC):
         self.micro_batches_per_rollout = self.rows_per_rollout // args.per_device_train_batch_size
         self.updates_per_rollout = args.update_iters * self.micro_batches_per_rollout // args.gradient_accumulation_steps
         self.prompt_sampler = GlobalBatchSampler(
-            len(train_dataset), args.per_device_prompt_batch_size, self.dp_rank, self.dp_world, shuffle=True, seed=args.seed
-        )
+            len(train_dataset), args.per_device_prompt_batch_size, self.dp_rank, self.dp_world, shuffle=True, seed=args.seed,
+            drop_last=args.dataloader_drop_last,
+        )  # fmt: skip
         if len(self.prompt_sampler) == 0:
             raise ValueError(
                 f"train dataset has {len(train_dataset)} prompts, fewer than one global prompt batch "
@@ -229,6 +231,8 @@ class RLTrainer(abc.ABC):
 
         logging_dir = args.logging_dir if "visualdl" in (args.report_to or []) else None
         self.metrics_logger = MetricsLogger(args.output_dir, visualdl_dir=logging_dir)
+        # report_to tensorboard / wandb (flushed at every log; validate_arguments refused them if not installed)
+        self.reporter = IntegrationReporter(args.report_to, args.logging_dir, config=args, enabled=is_main_process())
         self._pending: list[dict[str, float]] = []
         self.last_evaluation: tuple[int, dict[str, float]] | None = None
 
@@ -394,12 +398,17 @@ class RLTrainer(abc.ABC):
         if not getattr(args, "rollout_seed_per_prompt", False) or indices is None:
             paddle.seed(rollout_seed(args.seed, step, self.dp_rank))
             return self.generate(prompt_batch["input_ids"], prompt_batch["attention_mask"])
+        input_ids, attention_mask = prompt_batch["input_ids"], prompt_batch["attention_mask"]
+        prompt_width, pad = input_ids.shape[1], self.tokenizer.pad_token_id
         parts = []
         for row, index in enumerate(indices):
             paddle.seed(rollout_seed(args.seed, step, 1_000_003 + int(index)))
-            parts.append(self.generate(prompt_batch["input_ids"][row : row + 1], prompt_batch["attention_mask"][row : row + 1]))
+            real = int(attention_mask[row].astype("int64").sum())  # generate from the unpadded prompt: the
+            prompt = input_ids[row : row + 1, prompt_width - real :]  # same input whatever the batch width
+            generated = self.generate(prompt, paddle.ones_like(prompt, dtype=attention_mask.dtype))
+            left = paddle.full([generated.shape[0], prompt_width - real], pad, dtype=generated.dtype)
+            parts.append(paddle.concat([left, generated], axis=1))
         width = max(part.shape[1] for part in parts)
-        pad = self.tokenizer.pad_token_id
         parts = [
             paddle.concat([p, paddle.full([p.shape[0], width - p.shape[1]], pad, dtype=p.dtype)], axis=1) if p.shape[1] < width else p
             for p in parts
@@ -484,21 +493,25 @@ class RLTrainer(abc.ABC):
             )  # fmt: skip
         return batches
 
-    def loss_weights(self, micro_batches: list[dict[str, Any]]) -> list[float]:
-        """Per-micro-batch loss multipliers giving the global mean over an accumulation window.
+    def loss_weights(self, micro_batches: list[dict[str, Any]], passes: int = 1) -> list[float]:
+        """Loss multipliers of the ``passes x len(micro_batches)`` micro-steps of :meth:`update`.
 
+        The update visits the micro-batches ``passes`` times (``update_iters``) in the same order and
+        steps the optimizers every ``gradient_accumulation_steps`` micro-steps, so an accumulation
+        window may straddle two passes: windows are cut from that whole schedule, not from one pass.
         Each micro-batch loss is a mean over its own ``n_i`` terms (tokens). Weighting it by
-        ``n_i * world / N`` (``N`` = terms in the window over all data-parallel ranks) makes the
+        ``n_i * world / N`` (``N`` = terms in its window over all data-parallel ranks) makes the
         summed, rank-averaged gradient that of the mean over all ``N`` terms: the result no
-        longer depends on how the global batch was split across ranks and micro-batches. With
-        one rank and no accumulation every weight is 1 (PaddleNLP's micro-batch mean).
+        longer depends on how the global batch was split across ranks, micro-batches and passes.
+        With one rank and no accumulation every weight is 1 (PaddleNLP's micro-batch mean).
+        Returns one weight per micro-step, in schedule order (``weights[position]``).
         """
         accumulation = self.args.gradient_accumulation_steps
-        counts = [self.loss_weight_basis(batch) for batch in micro_batches]
+        counts = [self.loss_weight_basis(batch) for batch in micro_batches] * passes
+        windows = [counts[begin : begin + accumulation] for begin in range(0, len(counts), accumulation)]
+        totals = all_reduce_sum([sum(window) for window in windows]) if windows else []  # one collective
         weights = []
-        for begin in range(0, len(counts), accumulation):
-            window = counts[begin : begin + accumulation]
-            total = all_reduce_sum([sum(window)])[0]
+        for window, total in zip(windows, totals):
             for count in window:
                 weights.append(count * self.dp_world / total if total > 0 else 0.0)
         return weights
@@ -507,7 +520,7 @@ class RLTrainer(abc.ABC):
         """``update_iters`` passes over the micro-batches; steps optimizers every accumulation window."""
         args = self.args
         accumulation = args.gradient_accumulation_steps
-        weights = self.loss_weights(micro_batches)
+        weights = self.loss_weights(micro_batches, args.update_iters)  # one per micro-step of all passes
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
         position = 0
@@ -517,7 +530,7 @@ class RLTrainer(abc.ABC):
                 accumulating = (position + 1) % accumulation != 0
                 # With ptx the actor's last backward of the window is the ptx one: only it may
                 # trigger the data-parallel gradient all-reduce.
-                metrics = self.rl_step(batch, weights[index], accumulating, actor_accumulating=accumulating or ptx_batches is not None)
+                metrics = self.rl_step(batch, weights[position], accumulating, actor_accumulating=accumulating or ptx_batches is not None)
                 if ptx_batches is not None:
                     metrics.update(self.ptx_step(ptx_batches[index], accumulating))
                 window_finite &= all(math.isfinite(v) for k, v in metrics.items() if k.endswith("loss"))
@@ -540,11 +553,14 @@ class RLTrainer(abc.ABC):
 
     def finish_update(self, finite: bool, last_metrics: dict[str, float]) -> None:
         """Step every declared optimizer, unless a non-finite loss was seen in the window on any rank."""
+        # Critics step first, the actor last (the order of PaddleNLP's losses and of the seed's loop).
+        order = [t for role, t in self.trainers.items() if role not in self.POLICY_ROLES]
+        order += [t for role, t in self.trainers.items() if role in self.POLICY_ROLES]
         if self.check_finite({"loss": 0.0 if finite else float("nan")}, what="update", summary=last_metrics):
-            for trainer in self.trainers.values():
+            for trainer in order:
                 trainer.optimizer_step()
         else:
-            for trainer in self.trainers.values():
+            for trainer in order:
                 trainer.zero_grad()
             self.state.skipped_updates += 1
         self.state.global_step += 1
@@ -628,6 +644,7 @@ class RLTrainer(abc.ABC):
     def log_metrics(self, metrics: dict[str, float]) -> None:
         metrics = {**metrics, "epoch": self.state.epoch + self.state.batch_in_epoch / max(len(self.prompt_sampler), 1)}
         self.metrics_logger.log(metrics, step=self.state.global_step)
+        self.reporter.log(metrics, step=self.state.global_step)
         if is_main_process():
             shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items() if not k.endswith("_seconds")}
             logger.info("step %d: %s", self.state.global_step, shown)

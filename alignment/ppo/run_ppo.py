@@ -2,7 +2,9 @@
 
 Four models: the actor and a frozen reference start from the SFT checkpoint
 (``actor_model_name_or_path``); the critic and a frozen reward model start from the reward
-checkpoint (``reward_critic_model_name_or_path`` for the critic when given). Every field of the
+checkpoint (``reward_critic_model_name_or_path`` for the critic when given). ``rl_algorithm`` other
+than ``ppo`` (GRPO, RLOO, REINFORCE++; docs/critic_free.md) loads no critic, and its reward may come
+from ``reward_functions`` / ``reward_server`` instead of (or added to) a reward model. Every field of the
 JSON file is one of the dataclass fields below or of PaddleNLP's ``TrainingArguments``; command-line
 ``--field value`` pairs after the file override it.
 
@@ -26,6 +28,7 @@ from paddlenlp.trainer import TrainingArguments as PaddleTrainingArguments
 from alignment.data.arguments import DataArgument as BaseDataArgument
 from alignment.ppo.ppo_lag_trainer import PPOLagArguments, PPOLagModelArgument, ppo_lag_problems
 from alignment.utils.config import Problems, looks_like_local_path
+from alignment.utils.stage import check_cpu_model_flags
 
 __all__ = [
     "ModelArgument",
@@ -35,6 +38,8 @@ __all__ = [
     "validate_arguments",
     "parallel_layout_problems",
     "load_models",
+    "critic_training_arguments",
+    "report_to_problems",
 ]
 
 logger = logging.getLogger("alignment.ppo")
@@ -127,7 +132,12 @@ class TrainingArguments(PPOLagArguments, PaddleTrainingArguments):
     critic_learning_rate: Optional[float] = field(default=None, metadata={"help": "Critic learning rate."})
     critic_weight_decay: Optional[float] = field(default=None, metadata={"help": "Critic weight decay."})
     critic_lr_scheduler_type: Optional[str] = field(default=None, metadata={"help": "Critic LR scheduler."})
-    critic_warmup_ratio: Optional[float] = field(default=None, metadata={"help": "Critic warmup ratio."})
+    critic_warmup_ratio: Optional[float] = field(
+        default=None, metadata={"help": "Critic warmup ratio; when set it wins over the actor's warmup_steps."}
+    )
+    critic_warmup_steps: Optional[int] = field(
+        default=None, metadata={"help": "Critic warmup steps; wins over every other warmup setting of the critic."}
+    )
     critic_recompute: Optional[bool] = field(default=None, metadata={"help": "Critic activation recompute."})
     # rollout
     per_device_prompt_batch_size: int = field(default=16, metadata={"help": "Prompts per device per rollout."})
@@ -236,6 +246,62 @@ def parallel_layout_problems(
     return problems
 
 
+MODEL_PATHS = (
+    "actor_model_name_or_path", "reward_model_name_or_path", "reward_critic_model_name_or_path",
+    "cost_model_name_or_path", "cost_critic_model_name_or_path",
+)  # fmt: skip
+
+# TrainingArguments fields PaddleNLP's Trainer acts on but the PPO loop does not: (field, refused when, why).
+UNSUPPORTED_TRAINING_ARGUMENTS = (
+    ("load_best_model_at_end", lambda v: bool(v),
+     "is not supported by the PPO loop (it tracks no best model); leave it false and pick a checkpoint-<step>"),
+    ("metric_for_best_model", lambda v: v is not None,
+     "is not supported by the PPO loop: save_total_limit keeps the newest checkpoints, not the best one"),
+    ("unified_checkpoint", lambda v: bool(v),
+     "is not supported by the PPO loop: it writes its own checkpoints (save_pretrained safetensors in the "
+     "TP=1 layout + per-rank optimizer states); set it false"),
+    ("pipeline_parallel_config", lambda v: bool(set((v or "").split()) - {"disable_p2p_cache_shape"}),
+     "only 'disable_p2p_cache_shape' is accepted (the PPO pipeline engine always sends shapes, so it is "
+     "what it does anyway); the other paddlenlp pipeline options do not apply to it"),
+)  # fmt: skip
+
+def report_to_problems(report_to: Any) -> list[str]:
+    """Messages for ``report_to`` entries the PPO loop cannot honour (unknown, or library not installed)."""
+    from alignment.ppo.trainer_utils import REPORT_INTEGRATIONS, integration_available
+
+    problems = []
+    for name in report_to or []:
+        if name not in REPORT_INTEGRATIONS:
+            problems.append(f"{name!r} is not supported by the PPO loop; use any of {sorted(REPORT_INTEGRATIONS)} or 'none'")
+        elif not integration_available(name):
+            problems.append(f"{name!r} is not installed ({REPORT_INTEGRATIONS[name]}); install it or drop it from report_to")
+    return problems
+
+
+def critic_training_arguments(args: "TrainingArguments") -> Any:
+    """The critic's ``TrainingArguments``: the actor's with each ``critic_*`` override that is set.
+
+    Warmup precedence (explicit, unlike a plain copy where the actor's ``warmup_steps > 0`` would
+    silently beat ``critic_warmup_ratio``): ``critic_warmup_steps`` if set; else ``critic_warmup_ratio``
+    if set (the critic's ``warmup_steps`` becomes 0 so the ratio applies); else the actor's
+    ``warmup_steps`` / ``warmup_ratio`` with PaddleNLP's rule (``warmup_steps > 0`` wins).
+    """
+    from alignment.ppo.trainer_utils import derive_args
+
+    warmup_steps = args.critic_warmup_steps
+    if warmup_steps is None and args.critic_warmup_ratio is not None:
+        warmup_steps = 0
+    return derive_args(
+        args,
+        learning_rate=args.critic_learning_rate,
+        weight_decay=args.critic_weight_decay,
+        lr_scheduler_type=args.critic_lr_scheduler_type,
+        warmup_ratio=args.critic_warmup_ratio,
+        warmup_steps=warmup_steps,
+        recompute=args.critic_recompute,
+    )
+
+
 def validate_arguments(model_args: ModelArgument, data_args: DataArgument, args: TrainingArguments, source: str | None = None) -> None:
     """Check the whole configuration before any model loads; report every problem at once."""
     problems = Problems(source)
@@ -257,7 +323,8 @@ def validate_arguments(model_args: ModelArgument, data_args: DataArgument, args:
         critic_only = {
             "reward_critic_model_name_or_path": model_args.reward_critic_model_name_or_path is not None,
             **{name: getattr(args, name) is not None for name in (
-                "critic_learning_rate", "critic_weight_decay", "critic_lr_scheduler_type", "critic_warmup_ratio", "critic_recompute")},
+                "critic_learning_rate", "critic_weight_decay", "critic_lr_scheduler_type", "critic_warmup_ratio",
+                "critic_warmup_steps", "critic_recompute")},
             "clip_range_value": args.clip_range_value != 5.0,
             "gae_lambda": args.gae_lambda != 0.95,
         }  # fmt: skip
@@ -297,11 +364,15 @@ def validate_arguments(model_args: ModelArgument, data_args: DataArgument, args:
     problems.check(args.advantage_epsilon > 0, "advantage_epsilon", f"must be > 0, got {args.advantage_epsilon}")
     for name, message in ppo_lag_problems(model_args, args):
         problems.add(name, message)
-    for name in ("actor_model_name_or_path", "reward_model_name_or_path", "reward_critic_model_name_or_path",
-                 "cost_model_name_or_path", "cost_critic_model_name_or_path"):  # fmt: skip
+    for name in MODEL_PATHS:
         value = getattr(model_args, name)
         if value and looks_like_local_path(value) and not os.path.exists(os.path.expanduser(value)):
             problems.add(name, f"path {value!r} does not exist")
+    check_cpu_model_flags(problems, **{name: getattr(model_args, name) for name in MODEL_PATHS})
+    if model_args.use_flash_attention:
+        import paddle
+
+        problems.check(paddle.is_compiled_with_cuda(), "use_flash_attention", "needs a GPU build of Paddle; set it to false on CPU")
     problems.check(0 < args.top_p <= 1, "top_p", f"must be in (0, 1], got {args.top_p}")
     problems.check(args.temperature >= 0, "temperature", f"must be >= 0, got {args.temperature}")
     problems.check(args.top_k >= 0, "top_k", f"must be >= 0, got {args.top_k}")
@@ -332,6 +403,25 @@ def validate_arguments(model_args: ModelArgument, data_args: DataArgument, args:
             f"must divide the {micro_batches} micro-batches of one rollout (update_iters x rows / per_device_train_batch_size) "
             "so that every rollout ends on an optimizer step",
         )
+    for name in ("critic_learning_rate", "critic_weight_decay", "critic_warmup_steps"):
+        value = getattr(args, name)
+        problems.check(value is None or value >= 0, name, f"must be >= 0, got {value}")
+    if args.critic_warmup_ratio is not None:
+        ratio = args.critic_warmup_ratio
+        problems.check(0 <= ratio <= 1, "critic_warmup_ratio", f"must be in [0, 1], got {ratio}")
+    if args.critic_lr_scheduler_type is not None:
+        from paddlenlp.trainer.trainer_utils import SchedulerType
+
+        names = [s.value for s in SchedulerType]
+        problems.check(
+            args.critic_lr_scheduler_type in names, "critic_lr_scheduler_type",
+            f"{args.critic_lr_scheduler_type!r} is not one of {names}",
+        )  # fmt: skip
+    for message in report_to_problems(args.report_to):
+        problems.add("report_to", message)
+    for name, refused, why in UNSUPPORTED_TRAINING_ARGUMENTS:
+        if refused(getattr(args, name, None)):
+            problems.add(name, f"{getattr(args, name)!r} {why}")
     levels = set(args.offload_level.split())
     unknown = levels - {"freeze_model", "optimizer", "train_model"}
     problems.check(not unknown, "offload_level", f"unknown value(s) {sorted(unknown)}; use freeze_model, optimizer, train_model")
@@ -520,7 +610,7 @@ def build_trainer(model_args: ModelArgument, data_args: DataArgument, args: Trai
     from alignment.data import is_same_tokenizer, load_tokenizer
     from alignment.ppo.ppo_trainer import PPOTrainer
     from alignment.ppo.rl_trainer import RolloutSettings
-    from alignment.ppo.trainer_utils import StepTrainer, derive_args
+    from alignment.ppo.trainer_utils import StepTrainer
 
     max_new_tokens = args.max_new_tokens or data_args.max_length
     tokenizer = load_tokenizer(model_args.actor_model_name_or_path, padding_side="left", model_max_length=data_args.max_length + max_new_tokens)
@@ -576,14 +666,7 @@ def build_trainer(model_args: ModelArgument, data_args: DataArgument, args: Trai
         from alignment.ppo.critic_free_trainer import CriticFreeTrainer
 
         return CriticFreeTrainer(args, actor_trainer, **common)
-    critic_args = derive_args(
-        args,
-        learning_rate=args.critic_learning_rate,
-        weight_decay=args.critic_weight_decay,
-        lr_scheduler_type=args.critic_lr_scheduler_type,
-        warmup_ratio=args.critic_warmup_ratio,
-        recompute=args.critic_recompute,
-    )
+    critic_args = critic_training_arguments(args)
     critic_trainer = StepTrainer(
         models["critic"], critic_args, name="critic", tokenizer=tokenizer,
         pipeline=models.get("critic_pipeline"), eval_model=models.get("critic_eval"),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import logging
 from typing import Any, Iterator, Sequence
 
@@ -36,6 +37,9 @@ __all__ = [
     "derive_args",
     "rollout_seed",
     "is_first_model_replica",
+    "IntegrationReporter",
+    "REPORT_INTEGRATIONS",
+    "integration_available",
 ]
 
 logger = logging.getLogger(__name__)
@@ -52,12 +56,11 @@ def _hybrid_group():
     """fleet's hybrid communicate group, or None outside hybrid parallel."""
     if dist.get_world_size() <= 1:
         return None
-    try:
-        from paddle.distributed import fleet
+    from paddle.distributed import fleet
 
-        return fleet.get_hybrid_communicate_group()
-    except Exception:
+    if getattr(fleet.fleet, "_hcg", None) is None:  # fleet.init was not called: plain data parallel
         return None
+    return fleet.get_hybrid_communicate_group()  # any other failure is a real error
 
 
 def is_first_model_replica() -> bool:
@@ -144,6 +147,79 @@ def rollout_seed(seed: int, global_step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, global_step, rank]).generate_state(1)[0] % (2**31 - 1))
 
 
+# ------------------------------------------------------------------------------------ reporting
+#: ``report_to`` values the PPO loop honours -> how to install them. ``visualdl`` is written by
+#: ``MetricsLogger``; the others by :class:`IntegrationReporter`.
+REPORT_INTEGRATIONS = {
+    "visualdl": "pip install visualdl",
+    "tensorboard": "pip install tensorboardX",
+    "wandb": "pip install wandb",
+}
+
+
+def _module_available(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def integration_available(name: str) -> bool:
+    """True if the library behind the ``report_to`` integration ``name`` can be imported."""
+    if name == "tensorboard":
+        return _module_available("tensorboardX") or _module_available("torch")
+    return _module_available(name)
+
+
+class IntegrationReporter:
+    """Sends every logged metric dict to the ``tensorboard`` / ``wandb`` entries of ``report_to``.
+
+    TensorBoard: a ``SummaryWriter`` (tensorboardX, else torch's) writing into ``logging_dir``; wandb:
+    ``wandb.init(project=$WANDB_PROJECT or "paddle-rlhf", dir=logging_dir, config=<arguments>)``. Metric
+    names are kept as logged (``train/reward``, ``eval/reward``); only numbers are sent. Main process only.
+    """
+
+    def __init__(self, report_to: Sequence[str] | None, logging_dir: str, config: Any = None, enabled: bool = True):
+        """``config``: the run's arguments for wandb (a dict or ``TrainingArguments``)."""
+        self.writers: list[Any] = []
+        self.wandb = None
+        if not enabled:
+            return
+        names = set(report_to or [])
+        if "tensorboard" in names:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                from torch.utils.tensorboard import SummaryWriter
+            self.writers.append(SummaryWriter(log_dir=logging_dir))
+        if "wandb" in names:
+            import os
+
+            import wandb
+
+            if wandb.run is None:
+                config = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
+                wandb.init(project=os.environ.get("WANDB_PROJECT", "paddle-rlhf"), dir=logging_dir, config=config)
+            self.wandb = wandb
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for writer in self.writers:
+            for key, value in numbers.items():
+                writer.add_scalar(key, value, step)
+            writer.flush()
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=step)
+
+    def close(self) -> None:
+        for writer in self.writers:
+            writer.close()
+        self.writers = []
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
 # ------------------------------------------------------------------------------------- sampler
 class GlobalBatchSampler(paddle.io.Sampler):
     """Yields each rank's slice of consecutive *global* batches of a per-epoch permutation.
@@ -151,10 +227,24 @@ class GlobalBatchSampler(paddle.io.Sampler):
     The global batch is ``batch_size * world_size`` indices; rank r takes the r-th slice. So a
     run with 2 ranks x batch b sees exactly the same global batches as 1 rank x batch 2b (what
     makes multi-process runs comparable), and the order depends only on ``(seed, epoch)``, which
-    makes resuming at a batch index exact. The last incomplete global batch is dropped.
+    makes resuming at a batch index exact.
+
+    The last incomplete global batch is dropped with ``drop_last`` (``dataloader_drop_last: true``);
+    otherwise it is completed with the first indices of the same epoch's order (as
+    ``DistributedSampler`` pads), so every batch has the full shape and every example is seen each
+    epoch (a dataset smaller than one global batch is repeated to fill it).
     """
 
-    def __init__(self, dataset_size: int, batch_size: int, rank: int = 0, world_size: int = 1, shuffle: bool = True, seed: int = 42):
+    def __init__(
+        self,
+        dataset_size: int,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        seed: int = 42,
+        drop_last: bool = True,
+    ):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.dataset_size = dataset_size
@@ -163,6 +253,7 @@ class GlobalBatchSampler(paddle.io.Sampler):
         self.world_size = world_size
         self.shuffle = shuffle
         self.seed = seed
+        self.drop_last = drop_last
         self.epoch = 0
         self.start_batch = 0
 
@@ -175,12 +266,16 @@ class GlobalBatchSampler(paddle.io.Sampler):
         self.start_batch = start_batch
 
     def __len__(self) -> int:
-        return self.dataset_size // self.global_batch_size
+        if self.drop_last:
+            return self.dataset_size // self.global_batch_size
+        return -(-self.dataset_size // self.global_batch_size)
 
     def __iter__(self) -> Iterator[list[int]]:
         order = np.arange(self.dataset_size)
         if self.shuffle:
             order = np.random.default_rng([self.seed, self.epoch]).permutation(self.dataset_size)
+        if len(order):
+            order = np.resize(order, len(self) * self.global_batch_size)  # repeats from the start to fill the tail
         for batch in range(self.start_batch, len(self)):
             begin = batch * self.global_batch_size + self.rank * self.batch_size
             yield order[begin : begin + self.batch_size].tolist()

@@ -131,7 +131,7 @@ class RewardFunctions(RewardSource):
                     value = fn(prompt, response, **extra)
                 except Exception as error:
                     raise RewardError(f"reward function {name!r} failed on row {row} (prompt {prompt[:80]!r}): {error}") from error
-                if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) or not math.isfinite(value):
+                if not isinstance(value, (int, float, np.floating, np.integer, np.bool_)) or not math.isfinite(value):
                     raise RewardError(f"reward function {name!r} returned {value!r} on row {row} (prompt {prompt[:80]!r}): expected a finite float")
                 values[row] = float(value)
             self._parts[name] = values.astype(np.float32)

@@ -14,6 +14,17 @@ What actually controls Paddle's CPU math (paddlepaddle 3.3.1 CPU wheel, measured
   use the AVX2 kernels. MKL reads the variable at its first call, so setting it in ``os.environ`` works
   any time before the first matmul of the process (also after ``import paddle``). Measured, 1 thread:
   [8, 256] x [256, 8000] 1920 us -> 354 us, 512^3 40 -> 105 GFLOP/s. (MKL >= 2020.1 ignores the variable.)
+  It is set only on AMD CPUs that report AVX2: the value forces MKL's AVX2 kernels, which would
+  fault on a CPU without AVX2.
+
+CPU features. Some Paddle CPU kernels use instructions the wheel does not check for: the fused
+RMSNorm kernel (``phi::fusion::RmsNormAvxKernel``, behind ``paddle.incubate.nn.functional.
+fused_rms_norm``) executes AVX-512 unconditionally and kills the process with SIGILL on AVX2-only
+CPUs (most laptops, AMD before Zen 4, many VMs). :func:`avx512_kernels_enabled` is the one switch
+every such call site asks; it is False when the CPU lacks AVX-512F
+(``paddle.base.core.supports_avx512f()``) or when ``ALIGNMENT_PORTABLE_CPU=1`` forces the portable
+path, which is how CI exercises on an AVX-512 machine what AVX2-only users run. Nothing here assumes
+``/proc/cpuinfo`` exists (macOS, Windows/WSL, ARM Linux): unknown features count as absent.
 """
 
 from __future__ import annotations
@@ -98,26 +109,71 @@ def configure_cpu_threads(num_threads: int | None = None) -> int:
     return threads
 
 
-def cpu_vendor() -> str:
-    """The CPU vendor id from /proc/cpuinfo (e.g. "AuthenticAMD", "GenuineIntel"), "" if unknown."""
+PORTABLE_CPU_ENV = "ALIGNMENT_PORTABLE_CPU"
+CPUINFO = "/proc/cpuinfo"  # Linux only; elsewhere every feature reads as unknown
+
+
+def portable_cpu_forced() -> bool:
+    """True if ``ALIGNMENT_PORTABLE_CPU`` asks for the portable kernels (``1``/``true``/``yes``/``on``)."""
+    return os.environ.get(PORTABLE_CPU_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _cpuinfo_field(name: str) -> str:
+    """The first ``name : value`` line of /proc/cpuinfo, "" where there is no such file or line."""
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+        with open(CPUINFO, encoding="utf-8", errors="replace") as cpuinfo:
             for line in cpuinfo:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                if key.strip() == name:
+                    return value.strip()
     except OSError:
         pass
     return ""
 
 
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of /proc/cpuinfo (e.g. ``avx2``, ``avx512f``); empty where unknown."""
+    return frozenset(_cpuinfo_field("flags").split())
+
+
+def cpu_supports_avx512f() -> bool:
+    """Whether this CPU executes AVX-512F, as Paddle itself detects it (cpuid; any OS)."""
+    try:
+        from paddle.base import core
+    except ImportError:  # pragma: no cover - paddle is a dependency
+        return "avx512f" in cpu_flags()
+    return bool(core.supports_avx512f())
+
+
+def avx512_kernels_enabled() -> bool:
+    """May Paddle's AVX-512-only CPU kernels run here? False on CPUs without AVX-512F and whenever
+    ``ALIGNMENT_PORTABLE_CPU`` forces the portable path (read at each call: tests toggle it)."""
+    return not portable_cpu_forced() and cpu_supports_avx512f()
+
+
+def cpu_path_summary() -> str:
+    """One line for logs and benchmark reports: which CPU kernel path this process uses and why."""
+    if portable_cpu_forced():
+        return f"portable CPU kernels (forced by {PORTABLE_CPU_ENV})"
+    if cpu_supports_avx512f():
+        return "AVX-512 CPU kernels (fused RMSNorm)"
+    return "portable CPU kernels (no AVX-512F on this CPU)"
+
+
+def cpu_vendor() -> str:
+    """The CPU vendor id from /proc/cpuinfo (e.g. "AuthenticAMD", "GenuineIntel"), "" if unknown."""
+    return _cpuinfo_field("vendor_id")
+
+
 def enable_mkl_avx2_on_amd() -> bool:
     """Make Paddle's bundled MKL use its AVX2 sgemm kernels on AMD CPUs; True if it was set here.
 
-    Sets ``MKL_DEBUG_CPU_TYPE=5`` unless the user set it or the CPU is not AMD. Must run before the
-    process's first matmul (MKL reads it once); calling it after ``import paddle`` is fine. Matmul
-    results change only by floating-point rounding.
+    Sets ``MKL_DEBUG_CPU_TYPE=5`` unless the user set it, the CPU is not AMD or it does not report
+    AVX2 (the value forces AVX2 code). Must run before the process's first matmul (MKL reads it
+    once); calling it after ``import paddle`` is fine. Matmul results change only by floating-point
+    rounding. Where /proc/cpuinfo is missing nothing is set.
     """
-    if "MKL_DEBUG_CPU_TYPE" in os.environ or cpu_vendor() != "AuthenticAMD":
+    if "MKL_DEBUG_CPU_TYPE" in os.environ or cpu_vendor() != "AuthenticAMD" or "avx2" not in cpu_flags():
         return False
     os.environ["MKL_DEBUG_CPU_TYPE"] = "5"
     return True

@@ -8,6 +8,7 @@ train/evaluate sequence of ``main``.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from alignment.utils.metrics import METRICS_FILE
 __all__ = [
     "StageTrainingArguments",
     "check_model_paths",
+    "check_cpu_model_flags",
     "check_data_arguments",
     "training_dtype",
     "check_tokenizer_fits",
@@ -48,10 +50,31 @@ class StageTrainingArguments(TrainingArguments):
 
 
 def check_model_paths(problems: Problems, **paths: Optional[str]) -> None:
-    """A name that can only be a local path (``/x``, ``./x``, ``~/x``, ``a/b/c``) must exist."""
+    """A name that can only be a local path (``/x``, ``./x``, ``~/x``, ``a/b/c``) must exist, and a
+    local model must not turn on kernels this device cannot run (:func:`check_cpu_model_flags`)."""
     for name, path in paths.items():
         if path and looks_like_local_path(path) and not os.path.isdir(os.path.expanduser(path)):
             problems.add(name, f"no such directory: {path!r} (a hub name has the form 'owner/name')")
+    check_cpu_model_flags(problems, **paths)
+
+
+def check_cpu_model_flags(problems: Problems, **paths: Optional[str]) -> None:
+    """On CPU, refuse a local model whose ``config.json`` turns on a GPU-only kernel
+    (``use_flash_attention``, ``use_fused_rope``; see :mod:`alignment.models.kernels`) before any
+    weights load, naming the argument, the file and the flag."""
+    from alignment.models.kernels import cpu_model_flag_problems
+
+    for name, path in paths.items():
+        config_file = os.path.join(os.path.expanduser(path), "config.json") if path else ""
+        if not config_file or not os.path.isfile(config_file):
+            continue
+        try:
+            with open(config_file, encoding="utf-8") as file:
+                config = json.load(file)
+        except (OSError, ValueError):
+            continue  # unreadable configs are reported by the model loader with their own message
+        for flag, reason in cpu_model_flag_problems(config):
+            problems.add(name, f"{config_file} sets {flag}=true: {reason}")
 
 
 def check_data_arguments(problems: Problems, data_args: DataArgument, training_args: Any, example: str) -> None:
