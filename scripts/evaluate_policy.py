@@ -38,6 +38,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--backend", default="auto", choices=["auto", "fast", "plain", "fused"])
+    parser.add_argument(
+        "--chat-template", default="beaver", help="beaver, tokenizer (the policy tokenizer's jinja template) or a jinja file"
+    )
+    parser.add_argument("--system-prompt", default=None, help="system message (jinja templates only)")
     return parser.parse_args(argv)
 
 
@@ -49,25 +53,29 @@ def evaluate(args: argparse.Namespace) -> dict:
     from alignment.data import PromptOnlyDataset, load_tokenizer
     from alignment.data.example_task import task_score
     from alignment.models import AutoModelForScore
+    from alignment.models.hf_convert import resolve_pretrained_dir
     from alignment.models.ppo_model_utils import make_rollout_attention_mask
     from alignment.ppo.eval_utils import score_sequences, split_prompt_response
     from alignment.ppo.infer_utils import generate_rollout
 
     paddle.seed(args.seed)
-    tokenizer = load_tokenizer(args.policy, padding_side="left")
+    policy_dir, reward_dir = resolve_pretrained_dir(args.policy), resolve_pretrained_dir(args.reward_model)
+    tokenizer = load_tokenizer(policy_dir, padding_side="left")
     reward_model = reward_tokenizer = reward_source = None
     if args.reward_functions:
         from alignment.rewards import build_reward_source
 
         reward_source = build_reward_source(args.reward_functions, custom_reward_modules=args.custom_reward_modules)
-    if args.reward_model:
-        reward_tokenizer = load_tokenizer(args.reward_model, padding_side="right")
-    policy = AutoModelForCausalLM.from_pretrained(args.policy)
+    if reward_dir:
+        reward_tokenizer = load_tokenizer(reward_dir, padding_side="right")
+    policy = AutoModelForCausalLM.from_pretrained(policy_dir)
     policy.eval()
-    if args.reward_model:
-        reward_model = AutoModelForScore.from_pretrained(args.reward_model, score_type="reward")
+    if reward_dir:
+        reward_model = AutoModelForScore.from_pretrained(reward_dir, score_type="reward")
         reward_model.eval()
-    prompts = PromptOnlyDataset(args.prompts, tokenizer, max_length=args.max_length)
+    prompts = PromptOnlyDataset(
+        args.prompts, tokenizer, max_length=args.max_length, chat_template=args.chat_template, system_prompt=args.system_prompt
+    )
     collator = prompts.get_collator()
     rows = []
     from tqdm.auto import tqdm

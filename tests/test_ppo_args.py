@@ -49,13 +49,13 @@ def record_gradients(trainer) -> list[np.ndarray]:
     """Make both step trainers record the flat gradient (actor ++ critic) at every optimizer step."""
     log: list[np.ndarray] = []
     pending: dict[str, np.ndarray] = {}
-    for step_trainer in (trainer.critic_trainer, trainer.actor_trainer):  # finish_update: critic, then actor
+    for step_trainer in (trainer.critic_trainer, trainer.actor_trainer):
         original = step_trainer.optimizer_step
 
         def step(step_trainer=step_trainer, original=original):
             grads = [p.grad.numpy().ravel() for p in step_trainer.model.parameters() if p.grad is not None]
             pending[step_trainer.name] = np.concatenate(grads)
-            if step_trainer.name == "actor":
+            if len(pending) == 2:  # both models stepped (in the loop's role order): one optimizer step
                 log.append(np.concatenate([pending.pop("actor"), pending.pop("critic")]))
             return original()
 
@@ -202,9 +202,9 @@ def test_nonfinite_actor_or_critic_loss_drops_the_window_or_stops(split_trainer,
     original = getattr(trainer, loss)
     calls = []
 
-    def poisoned(values, batch):
+    def poisoned(values, batch, *rest):
         calls.append(1)
-        result = original(values, batch)
+        result = original(values, batch, *rest)
         return result * float("nan") if len(calls) == 2 else result  # the window's second micro-batch
 
     # A clean update from the initial weights: what a later window must still produce.

@@ -120,12 +120,13 @@ def test_reward_model_resumes_after_sigkill_with_the_same_metrics(tmp_path, tiny
     assert "resume_from_checkpoint=auto: " in resumed.stdout + resumed.stderr
 
     def losses(directory):
-        return {r["step"]: r["loss"] for r in read_metrics(str(directory)) if "loss" in r}
+        return [(r["step"], r["loss"]) for r in read_metrics(str(directory)) if "loss" in r]
 
     expected, got = losses(tmp_path / "ref"), losses(output)
-    assert sorted(got) == sorted(expected) == list(range(1, 25))
-    for step in expected:
-        assert got[step] == pytest.approx(expected[step], rel=1e-5), step
+    # The exact sequence: each step once (rows the killed run logged after checkpoint-8 are dropped on resume).
+    assert [step for step, _ in got] == [step for step, _ in expected] == list(range(1, 25))
+    for (step, loss), (_, reference) in zip(got, expected):
+        assert loss == pytest.approx(reference, rel=1e-5), step
 
 
 def test_nonfinite_reward_stops_or_skips_ppo(tmp_path, tiny_assets, tiny_score_model, repo_root):

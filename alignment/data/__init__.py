@@ -25,6 +25,15 @@ from alignment.data.base import (
     parse_datasets,
     right_padding,
 )
+from alignment.data.chat_template import (
+    CHAT_TEMPLATES,
+    ChatTemplate,
+    TemplatedDataset,
+    encode_conversation,
+    encode_prompt,
+    load_chat_template,
+    register_chat_template,
+)
 from alignment.data.custom import import_custom_dataset_modules
 from alignment.data.preference import PreferenceCollator, PreferenceDataset
 from alignment.data.prompt_only import PromptOnlyCollator, PromptOnlyDataset
@@ -62,6 +71,13 @@ __all__ = [
     "is_same_tokenizer",
     "batch_retokenize",
     "TokenizedDataset",
+    "TemplatedDataset",
+    "ChatTemplate",
+    "CHAT_TEMPLATES",
+    "register_chat_template",
+    "load_chat_template",
+    "encode_prompt",
+    "encode_conversation",
     "CollatorBase",
     "SupervisedDataset",
     "SupervisedCollator",

@@ -26,6 +26,16 @@ class DataArgument:
         default=None, metadata={"help": "Without eval_datasets: hold out this share of the training data."}
     )
     max_length: int = field(default=2048, metadata={"help": "Maximum tokens of one example (prompt for PPO)."})
+    chat_template: str = field(
+        default="beaver",
+        metadata={
+            "help": "How conversations become text: 'beaver' (BEGINNING OF CONVERSATION: USER: ... ASSISTANT:), "
+            "'tokenizer' (the tokenizer's jinja chat_template) or a path to a jinja file."
+        },
+    )
+    system_prompt: Optional[str] = field(
+        default=None, metadata={"help": "System message for jinja chat templates (not with 'beaver')."}
+    )
     custom_dataset_modules: Optional[str] = field(
         default=None,
         metadata={"help": "Comma-separated modules or .py files defining custom RawDataset subclasses to import."},

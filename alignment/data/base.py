@@ -222,6 +222,19 @@ def _same_class(a: type, b: type) -> bool:
     return a is b or (a.__module__ == b.__module__ and a.__qualname__ == b.__qualname__)
 
 
+def _record_location(raw: Any, index: int) -> str | None:
+    """Where record ``index`` of a raw dataset came from (``"train.jsonl line 3"``), when its rows were
+    read from a local file (:class:`alignment.data.files.LocatedRows`); else None."""
+    rows = getattr(raw, "data", None)
+    locate = getattr(rows, "locate", None)
+    if locate is None:
+        return None
+    try:
+        return locate(index)
+    except IndexError:
+        return None
+
+
 def _split_indices(size: int, split_ratio: float, shuffle: bool, seed: int | None) -> tuple[list[int], list[int]]:
     if not 0.0 < split_ratio < 1.0:
         raise DatasetError(f"split_ratio must be in (0, 1), got {split_ratio}")
@@ -449,12 +462,14 @@ class TokenizedDataset(paddle.io.Dataset):
         position, raw_index = self.index[index]
         name, raw = self.raw_datasets[position]
         sample = raw[raw_index]
-        self.check_sample(sample, name, raw_index)
+        self.check_sample(sample, name, raw_index, raw)
         return sample
 
-    def check_sample(self, sample: Any, name: str, raw_index: int) -> None:
-        """Raise a DatasetError naming dataset, record and field if ``sample`` is unusable here."""
-        where = f"dataset {name!r} record {raw_index}"
+    def check_sample(self, sample: Any, name: str, raw_index: int, raw: Any = None) -> None:
+        """Raise a DatasetError naming dataset, record (with ``raw``, the raw dataset, also the file and
+        line it came from when read from a local file) and field if ``sample`` is unusable here."""
+        location = _record_location(raw, raw_index)
+        where = f"dataset {name!r} record {raw_index}" + (f" ({location})" if location else "")
         if not isinstance(sample, Mapping):
             raise DatasetError(f"{where}: expected a RawSample dict, got {type(sample).__name__}")
         for field in self.REQUIRED_FIELDS:
@@ -475,7 +490,15 @@ class TokenizedDataset(paddle.io.Dataset):
                 )
         for field in ("answer", "other_answer"):
             if field in sample and sample[field] is not None and not isinstance(sample[field], str):
-                raise DatasetError(f"{where}: field {field!r} must be a string, got {type(sample[field]).__name__}")
+                raise DatasetError(
+                    f"{where}: field {field!r} must be a string, got {type(sample[field]).__name__} {sample[field]!r:.60}"
+                )
+        for field in ("input", "dialogue"):
+            value = sample.get(field)
+            texts = value if isinstance(value, (list, tuple)) else [value]
+            if value is not None and not all(isinstance(text, str) for text in texts):
+                kind = "a string or a list of strings" if field == "input" else "a list of strings"
+                raise DatasetError(f"{where}: field {field!r} must be {kind}, got {type(value).__name__} {value!r:.60}")
 
     def _tokenize_all(self) -> None:
         from tqdm.auto import tqdm

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 from alignment.data.base import DatasetError
 
-__all__ = ["load_table", "read_local_table"]
+__all__ = ["load_table", "read_local_table", "LocatedRows"]
 
 _EXTENSIONS = (".jsonl", ".json", ".parquet")
 
@@ -80,7 +80,20 @@ def read_local_table(dataset_name: str, path: str, split: str, columns: Sequence
             )
     if not rows:
         raise DatasetError(f"dataset {dataset_name!r}: {path} holds no records")
-    return [row for _, row in rows]
+    return LocatedRows(path, rows)
+
+
+class LocatedRows(list):
+    """The records of a local file (a list of dicts) that remember where each came from, so that an
+    error about record ``i`` can name the file and line: ``rows.locate(i)`` -> ``"train.jsonl line 3"``."""
+
+    def __init__(self, path: str, numbered_rows: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        super().__init__(row for _, row in numbered_rows)
+        self.path = path
+        self.locations = [where for where, _ in numbered_rows]
+
+    def locate(self, index: int) -> str:
+        return f"{self.path} {self.locations[index]}"
 
 
 def _find_split_file(directory: str, split: str) -> str | None:
@@ -119,8 +132,17 @@ def _check_columns(dataset_name: str, source: str, present: list[str], columns: 
 
 def _read_json(dataset_name: str, path: str) -> list[tuple[str, dict[str, Any]]]:
     """``(line number, record)`` pairs of a JSON-lines file or of a JSON document holding a list."""
-    with open(path, encoding="utf-8") as file:
-        text = file.read()
+    with open(path, "rb") as file:
+        raw = file.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        column = error.start - (raw.rfind(b"\n", 0, error.start) + 1) + 1
+        raise DatasetError(
+            f"dataset {dataset_name!r}: {path} line {line}, column {column}: byte 0x{raw[error.start]:02x} is not "
+            "UTF-8 text; save the file as UTF-8"
+        ) from None
     if path.lower().endswith(".json") or text.lstrip().startswith("["):
         try:
             document = json.loads(text)

@@ -7,13 +7,15 @@ from typing import Any
 import numpy as np
 import paddle
 
-from alignment.data.base import CollatorBase, RawSample, TokenizedDataset, format_prompt, length_mask, right_padding
+from alignment.data.base import CollatorBase, RawSample, length_mask, right_padding
+from alignment.data.chat_template import TemplatedDataset
 
 __all__ = ["PreferenceDataset", "PreferenceCollator"]
 
 
-class PreferenceDataset(TokenizedDataset):
-    """``{better_input_ids, worse_input_ids}``: prompt + answer + EOS for the preferred and the other.
+class PreferenceDataset(TemplatedDataset):
+    """``{better_input_ids, worse_input_ids}``: prompt + answer + EOS for the preferred and the other
+    (prompt rendered by the chat template, ``chat_template``).
 
     A pair whose two sides tokenize identically (same answer, or both cut at ``max_length``)
     teaches nothing and would make the token-wise loss undefined: it is skipped and counted.
@@ -22,12 +24,11 @@ class PreferenceDataset(TokenizedDataset):
     REQUIRED_FIELDS = ("input", "answer", "other_answer", "better")
 
     def preprocess(self, raw_sample: RawSample) -> dict[str, np.ndarray] | None:
-        prompt = format_prompt(raw_sample["input"], eos_token=self.eos_token)
         better, worse = raw_sample["answer"], raw_sample["other_answer"]
         if not raw_sample["better"]:
             better, worse = worse, better
-        better_input_ids, _ = self.tokenize_with_eos(prompt + better)
-        worse_input_ids, _ = self.tokenize_with_eos(prompt + worse)
+        better_input_ids, _ = self.encode_answer(raw_sample["input"], better)
+        worse_input_ids, _ = self.encode_answer(raw_sample["input"], worse)
         if len(better_input_ids) == len(worse_input_ids) and (better_input_ids == worse_input_ids).all():
             self.skip("identical better/worse after tokenization")
             return None

@@ -7,13 +7,15 @@ from typing import Any
 import numpy as np
 import paddle
 
-from alignment.data.base import CollatorBase, RawSample, TokenizedDataset, format_prompt, left_padding, length_mask
+from alignment.data.base import CollatorBase, RawSample, left_padding, length_mask
+from alignment.data.chat_template import TemplatedDataset
 
 __all__ = ["PromptOnlyDataset", "PromptOnlyCollator"]
 
 
-class PromptOnlyDataset(TokenizedDataset):
-    """``{input_ids}`` of the formatted prompt (BOS included, no answer).
+class PromptOnlyDataset(TemplatedDataset):
+    """``{input_ids}`` of the chat template's generation prompt (no answer), exactly the prompt tokens
+    the other datasets mask.
 
     Prompts are deduplicated by text after mixing (the last occurrence is kept, order preserved,
     as safe-rlhf). A prompt longer than ``max_length`` tokens is skipped and counted rather than
@@ -28,7 +30,7 @@ class PromptOnlyDataset(TokenizedDataset):
         for position, (dataset_position, raw_index) in enumerate(merged):
             name, raw = self.raw_datasets[dataset_position]
             sample = raw[raw_index]
-            self.check_sample(sample, name, raw_index)
+            self.check_sample(sample, name, raw_index, raw)
             prompt = sample["input"]
             key = tuple(prompt) if isinstance(prompt, list) else prompt
             last_position[key] = position
@@ -39,7 +41,7 @@ class PromptOnlyDataset(TokenizedDataset):
         return [merged[position] for position in kept]
 
     def preprocess(self, raw_sample: RawSample) -> dict[str, np.ndarray] | None:
-        input_ids = self.tokenize(format_prompt(raw_sample["input"], eos_token=self.eos_token), max_length=10**9)
+        input_ids = self.encode_prompt(raw_sample["input"])
         if len(input_ids) > self.max_length:
             self.skip(f"prompt longer than max_length={self.max_length}")
             return None

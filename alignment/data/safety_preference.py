@@ -7,12 +7,13 @@ from typing import Any
 import numpy as np
 import paddle
 
-from alignment.data.base import CollatorBase, RawSample, TokenizedDataset, format_prompt, length_mask, right_padding
+from alignment.data.base import CollatorBase, RawSample, length_mask, right_padding
+from alignment.data.chat_template import TemplatedDataset
 
 __all__ = ["SafetyPreferenceDataset", "SafetyPreferenceCollator"]
 
 
-class SafetyPreferenceDataset(TokenizedDataset):
+class SafetyPreferenceDataset(TemplatedDataset):
     """``{safer_input_ids, safer_safety_sign, unsafer_input_ids, unsafer_safety_sign}``.
 
     The safety sign is +1 for an answer labelled safe and -1 for unsafe (a cost model's target
@@ -23,7 +24,6 @@ class SafetyPreferenceDataset(TokenizedDataset):
     REQUIRED_FIELDS = ("input", "answer", "other_answer", "safer", "is_safe", "is_other_safe")
 
     def preprocess(self, raw_sample: RawSample) -> dict[str, np.ndarray] | None:
-        prompt = format_prompt(raw_sample["input"], eos_token=self.eos_token)
         safer, unsafer = raw_sample["answer"], raw_sample["other_answer"]
         safer_is_safe, unsafer_is_safe = raw_sample["is_safe"], raw_sample["is_other_safe"]
         if not raw_sample["safer"]:
@@ -34,8 +34,8 @@ class SafetyPreferenceDataset(TokenizedDataset):
         if safer_sign < unsafer_sign:
             self.skip("safer answer labelled unsafe while the other is labelled safe")
             return None
-        safer_input_ids, _ = self.tokenize_with_eos(prompt + safer)
-        unsafer_input_ids, _ = self.tokenize_with_eos(prompt + unsafer)
+        safer_input_ids, _ = self.encode_answer(raw_sample["input"], safer)
+        unsafer_input_ids, _ = self.encode_answer(raw_sample["input"], unsafer)
         if len(safer_input_ids) == len(unsafer_input_ids) and (safer_input_ids == unsafer_input_ids).all():
             self.skip("identical safer/unsafer after tokenization")
             return None

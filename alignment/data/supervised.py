@@ -9,31 +9,21 @@ import paddle
 
 from alignment.data.base import (
     IGNORE_INDEX,
-    PROMPT_ASSISTANT,
-    PROMPT_BEGIN,
-    PROMPT_USER,
     CollatorBase,
     RawSample,
-    TokenizedDataset,
-    format_prompt,
     length_mask,
     right_padding,
 )
+from alignment.data.chat_template import TemplatedDataset, conversation_labels
 
 __all__ = ["SupervisedDataset", "SupervisedCollator"]
 
 
-def _common_prefix_length(a: np.ndarray, b: np.ndarray) -> int:
-    width = min(len(a), len(b))
-    unequal = np.nonzero(a[:width] != b[:width])[0]
-    return int(unequal[0]) if len(unequal) else width
-
-
-class SupervisedDataset(TokenizedDataset):
+class SupervisedDataset(TemplatedDataset):
     """``{input_ids, labels}`` per example; labels are -100 on the prompt (and user turns).
 
-    ``(input, answer)`` samples train on ``answer + EOS`` after the formatted prompt;
-    ``dialogue`` samples train on every assistant turn. An example whose prompt alone fills
+    ``(input, answer)`` samples train on ``answer + EOS`` after the prompt of the chat template
+    (``chat_template``, default ``beaver``); ``dialogue`` samples train on every assistant turn. An example whose prompt alone fills
     ``max_length`` has nothing to learn and is skipped (counted in ``skipped``).
     """
 
@@ -45,11 +35,7 @@ class SupervisedDataset(TokenizedDataset):
         if raw_sample.get("answer") is None:
             self.skip("no answer")
             return None
-        prompt = format_prompt(raw_sample["input"], eos_token=self.eos_token)
-        input_ids, _ = self.tokenize_with_eos(prompt + raw_sample["answer"])
-        prompt_ids = self.tokenize(prompt, max_length=self.max_length + 1)
-        # Tokenizers may merge across the prompt/answer boundary: mask the shared prefix only.
-        boundary = _common_prefix_length(prompt_ids, input_ids)
+        input_ids, boundary = self.encode_answer(raw_sample["input"], raw_sample["answer"])
         if boundary >= len(input_ids):
             self.skip("prompt fills max_length")
             return None
@@ -60,19 +46,10 @@ class SupervisedDataset(TokenizedDataset):
     def _preprocess_dialogue(self, dialogue: list[str]) -> dict[str, np.ndarray] | None:
         if not isinstance(dialogue, (list, tuple)) or not dialogue or not all(isinstance(t, str) for t in dialogue):
             raise ValueError(f"'dialogue' must be a non-empty list of strings, got {dialogue!r}")
-        text = PROMPT_BEGIN
-        offsets = [0]
-        input_ids = self.tokenize(text, max_length=10**9)
-        for index, turn in enumerate(dialogue):
-            text += PROMPT_USER.format(input=turn) + PROMPT_ASSISTANT if index % 2 == 0 else turn + self.eos_token
-            input_ids = self.tokenize(text, max_length=10**9)
-            offsets.append(len(input_ids))
-        if len(dialogue) % 2 == 1:  # ends on a user turn: nothing to answer
-            offsets.pop()
-        input_ids = input_ids[: offsets[-1]]
-        labels = input_ids.copy()
-        for start, end in zip(offsets[0::2], offsets[1::2]):  # begin + user segments
-            labels[start:end] = IGNORE_INDEX
+        input_ids, spans = conversation_labels(self.chat_template, self.tokenizer, dialogue)
+        labels = np.full_like(input_ids, IGNORE_INDEX)
+        for start, end in spans:  # assistant turns (through their EOS) are learned, the rest is masked
+            labels[start:end] = input_ids[start:end]
         if len(input_ids) > self.max_length:
             self.truncated += 1
             input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]

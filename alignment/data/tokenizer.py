@@ -19,10 +19,21 @@ def load_tokenizer(name_or_path: str, padding_side: str = "right", model_max_len
     A tokenizer without a pad token (LLaMA) gets ``pad = eos``. That is safe here because every
     attention mask in this toolkit is built from lengths or from the first EOS, never from
     ``ids != pad`` (upstream's mistake, which hid the final EOS).
+
+    A Hugging Face checkpoint or tokenizer directory is converted first (``alignment.models.hf_convert``).
+    The jinja chat template of ``tokenizer_config.json`` (or of a ``chat_template.jinja`` next to it) is
+    kept as ``tokenizer.init_kwargs["chat_template"]``, so it is saved with the tokenizer and read by
+    ``chat_template: tokenizer`` whatever PaddleNLP itself does with it.
     """
     from paddlenlp.transformers import AutoTokenizer
 
+    from alignment.models.hf_convert import read_chat_template, resolve_tokenizer_dir
+
+    name_or_path = resolve_tokenizer_dir(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, padding_side=padding_side)
+    source = read_chat_template(name_or_path)
+    if source is not None and not isinstance(tokenizer.init_kwargs.get("chat_template"), (str, list)):
+        tokenizer.init_kwargs["chat_template"] = source
     if model_max_length is not None:
         tokenizer.model_max_length = int(model_max_length)
     if tokenizer.eos_token is None:

@@ -74,6 +74,8 @@ from alignment.ppo.trainer_utils import (
 )
 from alignment.utils.checkpoint import (
     CheckpointError,
+    get_last_checkpoint,
+    nonfinite_names,
     load_json,
     load_tensor_state,
     publish_directory,
@@ -82,7 +84,7 @@ from alignment.utils.checkpoint import (
     save_tensor_state,
     verify_checkpoint,
 )
-from alignment.utils.metrics import MetricsLogger, is_main_process
+from alignment.utils.metrics import MetricsLogger, is_main_process, truncate_metrics
 
 __all__ = ["RLTrainer", "TrainerState", "NonFiniteError", "RolloutSettings", "response_logits"]
 
@@ -665,8 +667,22 @@ class RLTrainer(abc.ABC):
         """Trainable parts saved into checkpoints, by sub-directory name (``CHECKPOINT_DIRS``)."""
         return {self.CHECKPOINT_DIRS.get(role, role): trainer for role, trainer in self.trainers.items()}
 
+    def check_weights_finite(self, what: str) -> None:
+        """Raise :class:`NonFiniteError` on every rank if a trained model holds NaN/inf weights, before
+        ``what`` is written: a diverged model is never published (whatever ``on_nonfinite`` says)."""
+        bad = [f"{name}:{param}" for name, trainer in self.model_parts().items()
+               for param in nonfinite_names(trainer.model.named_parameters())]  # fmt: skip
+        if any_across_ranks(bool(bad)):
+            good = get_last_checkpoint(self.args.output_dir)
+            last = f"the last good checkpoint is {good}" if good else "no checkpoint was written"
+            raise NonFiniteError(
+                f"non-finite weights at step {self.state.global_step} ({', '.join(bad[:3]) or 'on another rank'}"
+                f"{', ...' if len(bad) > 3 else ''}): not saving {what}; {last}. Lower the learning rates."
+            )
+
     def save_checkpoint(self) -> str:
         """Write ``output_dir/checkpoint-<step>`` atomically (all ranks must call)."""
+        self.check_weights_finite(f"checkpoint-{self.state.global_step}")
         final = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
         scratch = final + ".tmp"
         rank = dist.get_rank()
@@ -722,6 +738,7 @@ class RLTrainer(abc.ABC):
 
     def save_final_models(self) -> None:
         """``output_dir/<dir>`` for every trained model (``policy``, ``value``...), each replaced atomically."""
+        self.check_weights_finite("the final models")
         for name, trainer in self.model_parts().items():
             final = os.path.join(self.args.output_dir, name)
             scratch = final + ".tmp"
@@ -759,13 +776,8 @@ class RLTrainer(abc.ABC):
 
     def metrics_logger_truncate(self, step: int) -> None:
         """Drop metric records written after ``step`` by the interrupted run."""
-        path = self.metrics_logger.path
-        if not self.metrics_logger.enabled or not os.path.isfile(path):
-            return
-        with open(path, encoding="utf-8") as file:
-            kept = [line for line in file if line.strip() and json.loads(line)["step"] <= step]
-        with open(path, "w", encoding="utf-8") as file:
-            file.writelines(kept)
+        if self.metrics_logger.enabled:
+            truncate_metrics(self.metrics_logger.path, step)
 
 
 def _load_weights(model: paddle.nn.Layer, directory: str) -> None:

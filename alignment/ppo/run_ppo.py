@@ -74,10 +74,26 @@ class ModelArgument(PPOLagModelArgument):
                           "added to the reward model's score when both are given (alignment/rewards/functions.py)."},
     )  # fmt: skip
     reward_server: Optional[str] = field(
-        default=None, metadata={"help": "URL of a remote reward service (http://host:port); its reward is added to the others."}
+        default=None,
+        metadata={"help": "URL of a remote reward service the rollouts are POSTed to (e.g. http://127.0.0.1:8000/rewards, "
+                          "see docs/rewards.md); its reward is added to the others."},
+    )  # fmt: skip
+    reward_server_timeout: float = field(
+        default=60.0, metadata={"help": "Seconds one reward_server request may take (connect to last byte)."}
     )
+    reward_server_max_retries: int = field(
+        default=3, metadata={"help": "Retries of a reward_server request after a connection error, timeout or HTTP 5xx (backoff 1, 2, 4.. s)."}
+    )
+    reward_server_batch_size: int = field(default=128, metadata={"help": "Responses per reward_server request."})
     custom_reward_modules: Optional[str] = field(
         default=None, metadata={"help": "Comma-separated modules or .py files registering reward functions to import."}
+    )
+    critic_fresh_score_head: bool = field(
+        default=False,
+        metadata={
+            "help": "Allow reward_critic_model_name_or_path to be a plain causal LM: the critic then starts from a "
+            "freshly initialised score head (on purpose). Without it a critic checkpoint must hold a trained score head."
+        },
     )
 
 
@@ -306,6 +322,9 @@ def validate_arguments(model_args: ModelArgument, data_args: DataArgument, args:
     """Check the whole configuration before any model loads; report every problem at once."""
     problems = Problems(source)
     problems.check(data_args.train_datasets is not None, "train_datasets", "is required")
+    from alignment.data.chat_template import check_chat_template_argument
+
+    check_chat_template_argument(problems, data_args.chat_template, data_args.system_prompt)
     problems.check(model_args.actor_model_name_or_path is not None, "actor_model_name_or_path", "is required")
     has_text_reward = bool(model_args.reward_functions or model_args.reward_server)
     if uses_critic(args):
@@ -322,6 +341,7 @@ def validate_arguments(model_args: ModelArgument, data_args: DataArgument, args:
         )
         critic_only = {
             "reward_critic_model_name_or_path": model_args.reward_critic_model_name_or_path is not None,
+            "critic_fresh_score_head": model_args.critic_fresh_score_head,
             **{name: getattr(args, name) is not None for name in (
                 "critic_learning_rate", "critic_weight_decay", "critic_lr_scheduler_type", "critic_warmup_ratio",
                 "critic_warmup_steps", "critic_recompute")},
@@ -347,12 +367,13 @@ def validate_arguments(model_args: ModelArgument, data_args: DataArgument, args:
                 get_reward_function(name)
         except (KeyError, ValueError) as error:
             problems.add("reward_functions", str(error).strip('"'))
-    if model_args.reward_server:
-        problems.check(
-            model_args.reward_server.startswith(("http://", "https://")),
-            "reward_server",
-            f"must be an http:// or https:// URL, got {model_args.reward_server!r}",
-        )
+    from alignment.rewards.remote import remote_reward_problems
+
+    for name, message in remote_reward_problems(
+        model_args.reward_server, model_args.reward_server_timeout, model_args.reward_server_max_retries,
+        model_args.reward_server_batch_size,
+    ):  # fmt: skip
+        problems.add(name, message)
     for name in ("kl_loss_coeff", "entropy_coeff"):
         problems.check(getattr(args, name) >= 0, name, f"must be >= 0, got {getattr(args, name)}")
     for name in ("clip_range_ratio_low", "clip_range_ratio_high"):
@@ -447,6 +468,82 @@ def validate_arguments(model_args: ModelArgument, data_args: DataArgument, args:
         if args.recompute:
             logger.warning("recompute is not applied inside pipeline stages (alignment.parallel.PipelineStage)")
     problems.raise_if_any()
+
+
+def score_head_problems(model_args: ModelArgument) -> list[str]:
+    """A reward checkpoint must hold a trained score head (a causal LM would give random rewards); so must
+    the critic's, unless ``critic_fresh_score_head`` asks for a fresh one. Reads only file headers."""
+    problems = []
+    critic = model_args.reward_critic_model_name_or_path
+    for name, path in (("reward_model_name_or_path", model_args.reward_model_name_or_path),
+                       ("reward_critic_model_name_or_path", critic)):  # fmt: skip
+        if not path or (name == "reward_critic_model_name_or_path" and model_args.critic_fresh_score_head):
+            continue
+        if _has_score_head(path) is False:
+            fix = (
+                "train one with alignment/rm/run_reward.py"
+                if name == "reward_model_name_or_path"
+                else "train one with alignment/rm/run_reward.py, or set critic_fresh_score_head: true to start the "
+                "critic from a fresh score head on purpose"
+            )
+            problems.append(
+                f"{name}: {path!r} is a plain causal LM without a trained score head (no score_head.* weights); "
+                f"a {'reward model' if name.startswith('reward_model') else 'critic'} needs one: {fix}"
+            )
+    return problems
+
+
+def _has_score_head(path: str) -> Optional[bool]:
+    """True/False when the checkpoint can tell (local safetensors, else its config), None otherwise."""
+    from alignment.utils.checkpoint import saved_weight_names
+
+    from alignment.models.hf_convert import is_hf_checkpoint
+
+    directory = os.path.expanduser(path)
+    if os.path.isdir(directory):
+        names = saved_weight_names(directory)
+        if names is not None:
+            if is_hf_checkpoint(directory):  # transformers' <Arch>ForSequenceClassification: ``score.weight``
+                return any(name.split(".")[0] == "score" for name in names)
+            return any(".score_head." in f".{name}" for name in names)
+    try:
+        from paddlenlp.transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path)
+    except Exception:  # unreachable hub name: loading reports it
+        return None
+    architectures = getattr(config, "architectures", None) or []
+    return any("Score" in architecture for architecture in architectures) if architectures else None
+
+
+def check_before_loading(model_args: ModelArgument, data_args: DataArgument, args: TrainingArguments) -> None:
+    """Checks that complement :func:`validate_arguments` before any weights load: trained score heads in
+    the reward/critic checkpoints, learning rates, and an ``output_dir`` that holds another run."""
+    from alignment.utils.stage import check_output_dir, check_training_arguments
+
+    problems = Problems()
+    problems.items += score_head_problems(model_args)
+    # (validate_arguments checks the batch sizes)
+    check_training_arguments(problems, args, batch_sizes=False)  # critic_* rates: validate_arguments
+    check_output_dir(problems, args)
+    problems.raise_if_any()
+
+
+def check_prompt_count(num_prompts: int, args: TrainingArguments) -> None:
+    """At least one global prompt batch (``per_device_prompt_batch_size`` x data-parallel ranks) of prompts;
+    checked right after the prompts load, before any model."""
+    from alignment.utils.config import ConfigError
+
+    dp_world = max(getattr(args, "dataset_world_size", 1) or 1, 1)
+    needed = args.per_device_prompt_batch_size * dp_world
+    if num_prompts < needed:
+        raise ConfigError(
+            [
+                f"train_datasets: {num_prompts} prompt(s) after filtering, fewer than one global prompt batch of {needed} "
+                f"(per_device_prompt_batch_size {args.per_device_prompt_batch_size} x {dp_world} data-parallel rank(s)); "
+                "give more prompts or a smaller per_device_prompt_batch_size"
+            ]
+        )
 
 
 def check_model_compatibility(model_args: ModelArgument, data_args: DataArgument, args: TrainingArguments, tokenizer: Any, source: str | None = None) -> None:
@@ -592,26 +689,29 @@ def load_datasets(data_args: DataArgument, args: TrainingArguments, tokenizer: A
     from alignment.data import PromptOnlyDataset, SupervisedDataset, import_custom_dataset_modules
 
     import_custom_dataset_modules(data_args.custom_dataset_modules)
-    train = PromptOnlyDataset(data_args.train_datasets, tokenizer, max_length=data_args.max_length, seed=args.seed)
+    template = {"chat_template": data_args.chat_template, "system_prompt": data_args.system_prompt}
+    train = PromptOnlyDataset(data_args.train_datasets, tokenizer, max_length=data_args.max_length, seed=args.seed, **template)
     evaluation = None
     if data_args.eval_datasets:
-        evaluation = PromptOnlyDataset(data_args.eval_datasets, tokenizer, max_length=data_args.max_length, seed=args.seed)
+        evaluation = PromptOnlyDataset(data_args.eval_datasets, tokenizer, max_length=data_args.max_length, seed=args.seed, **template)
     elif data_args.eval_split_ratio:
         train, evaluation = train.split_train_test(split_ratio=data_args.eval_split_ratio, seed=args.seed)
     ptx = None
     if data_args.ptx_datasets:
         ptx_length = data_args.max_length + (args.max_new_tokens or data_args.max_length)
-        ptx = SupervisedDataset(data_args.ptx_datasets, tokenizer, max_length=ptx_length, seed=args.seed)
+        ptx = SupervisedDataset(data_args.ptx_datasets, tokenizer, max_length=ptx_length, seed=args.seed, **template)
     return {"train": train, "eval": evaluation, "ptx": ptx}
 
 
 def build_trainer(model_args: ModelArgument, data_args: DataArgument, args: TrainingArguments, source: str | None = None):
     """Everything ``main`` does before ``train()``: tokenizers, models, datasets, the trainer."""
     from alignment.data import is_same_tokenizer, load_tokenizer
+    from alignment.models.hf_convert import resolve_model_arguments
     from alignment.ppo.ppo_trainer import PPOTrainer
     from alignment.ppo.rl_trainer import RolloutSettings
     from alignment.ppo.trainer_utils import StepTrainer
 
+    resolve_model_arguments(model_args)  # Hugging Face checkpoints -> converted copies (never written in place)
     max_new_tokens = args.max_new_tokens or data_args.max_length
     tokenizer = load_tokenizer(model_args.actor_model_name_or_path, padding_side="left", model_max_length=data_args.max_length + max_new_tokens)
     check_model_compatibility(model_args, data_args, args, tokenizer, source)
@@ -623,16 +723,28 @@ def build_trainer(model_args: ModelArgument, data_args: DataArgument, args: Trai
     from alignment.rewards import build_reward_source
 
     reward_source = build_reward_source(
-        model_args.reward_functions, model_args.reward_server, model_args.custom_reward_modules
-    )
+        model_args.reward_functions, model_args.reward_server, model_args.custom_reward_modules,
+        timeout=model_args.reward_server_timeout, max_retries=model_args.reward_server_max_retries,
+        batch_size=model_args.reward_server_batch_size,
+    )  # fmt: skip
+    if model_args.reward_server:  # a service that is down or speaks another protocol fails now, before the models load
+        from alignment.rewards.remote import probe_reward_servers
+
+        probe_reward_servers(reward_source)
     critic_path = model_args.reward_critic_model_name_or_path
     if critic_path and not is_same_tokenizer(tokenizer, load_tokenizer(critic_path)):
-        raise ValueError(
-            f"reward_critic_model_name_or_path: the critic's tokenizer ({critic_path}) must equal the actor's: "
-            "values are computed on the actor's tokens"
+        from alignment.utils.config import ConfigError
+
+        raise ConfigError(
+            [
+                f"reward_critic_model_name_or_path: the critic's tokenizer ({critic_path}) must equal the actor's: "
+                "values are computed on the actor's tokens"
+            ],
+            source,
         )
 
     datasets = load_datasets(data_args, args, tokenizer)
+    check_prompt_count(len(datasets["train"]), args)
     models = load_models(model_args, args)
     actor_trainer = StepTrainer(
         models["actor"], args, name="actor", tokenizer=tokenizer,
@@ -702,8 +814,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     source = argv[0] if argv and not argv[0].startswith("--") else None
-    model_args, data_args, args = parse_arguments((ModelArgument, DataArgument, TrainingArguments), argv)
-    validate_arguments(model_args, data_args, args, source)
+    model_args, data_args, args = parse_arguments(
+        (ModelArgument, DataArgument, TrainingArguments),
+        argv,
+        checks=[lambda m, d, a: validate_arguments(m, d, a, source), check_before_loading],
+    )  # every problem of the configuration at once
     exit_clearly_on_sigterm("ppo", args.output_dir)
     setup_cpu_runtime()
     _configure_logging()
@@ -730,7 +845,8 @@ def _configure_logging() -> None:
 
 
 if __name__ == "__main__":
+    from alignment.utils.config import run_entry_point
     from alignment.utils.signals import exit_after_distributed_run
 
-    main()
+    run_entry_point(main)
     exit_after_distributed_run()

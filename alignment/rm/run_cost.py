@@ -23,6 +23,7 @@ from alignment.data import SafetyPreferenceDataset
 from alignment.rm.cost_trainer import CostTrainer
 from alignment.rm.run_reward import ScoreStage
 from alignment.rm.run_reward import main as run_score_stage
+from alignment.utils.config import run_entry_point
 from alignment.utils.signals import exit_after_distributed_run
 
 __all__ = ["COST_STAGE", "main"]
@@ -40,5 +41,5 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)
     exit_after_distributed_run()

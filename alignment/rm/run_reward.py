@@ -16,6 +16,7 @@ Metrics go to ``output_dir/metrics.jsonl`` (and VisualDL with ``report_to: visua
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Type
@@ -27,7 +28,9 @@ from alignment.data import DataArgument, PreferenceDataset, import_custom_datase
 from alignment.models import AutoModelForScore
 from alignment.models.score_model_utils import NORMALIZER_TYPES
 from alignment.rm.reward_trainer import RewardTrainer, RewardTrainingArguments
-from alignment.utils.config import ConfigError, Problems, parse_arguments
+from alignment.data.chat_template import check_chat_template_argument
+from alignment.models.hf_convert import resolve_model_arguments
+from alignment.utils.config import ConfigError, Problems, parse_arguments, run_entry_point
 from alignment.utils.env import setup_cpu_runtime
 from alignment.utils.metrics import JsonlLoggingCallback
 from alignment.utils.signals import exit_after_distributed_run, exit_clearly_on_sigterm
@@ -36,9 +39,12 @@ from alignment.utils.stage import (
     check_data_arguments,
     check_model_paths,
     check_tokenizer_fits,
-    prepare_output_dir,
+    check_output_dir,
+    check_training_arguments,
+    resolve_resume,
     run_stage,
     save_pretrained_final,
+    start_metrics_log,
     training_dtype,
 )
 
@@ -120,16 +126,20 @@ def check_arguments(
 ) -> None:
     """Raise one :class:`ConfigError` listing every problem that can be found before loading anything.
 
-    Custom dataset modules must be imported first, so that their names resolve. (Pipeline parallelism,
+    Imports the custom dataset modules first, so that their names resolve. (Pipeline parallelism,
     ``loss_type`` and ``regularization`` are checked when the training arguments are built.)
     """
+    import_custom_dataset_modules(data_args.custom_dataset_modules)
     problems = Problems()
+    check_training_arguments(problems, training_args)
+    check_output_dir(problems, training_args)
     check_model_paths(
         problems,
         model_name_or_path=model_args.model_name_or_path,
         tokenizer_name_or_path=model_args.tokenizer_name_or_path,
     )
     problems.check(bool(model_args.model_name_or_path), "model_name_or_path", "required")
+    check_chat_template_argument(problems, data_args.chat_template, data_args.system_prompt)
     check_data_arguments(problems, data_args, training_args, example="PKU-SafeRLHF/train:1:data/safe_rlhf/train.jsonl")
     if training_args.metric_for_best_model is not None and training_args.load_best_model_at_end:
         known = stage.eval_metrics
@@ -167,6 +177,7 @@ def build_datasets(
     Pairs whose two sides are identical after tokenization (e.g. both cut to a ``max_length`` no longer
     than the prompt) are skipped and counted in the log; if every pair is skipped that is a DatasetError.
     """
+    dataset_class = functools.partial(dataset_class, chat_template=data_args.chat_template, system_prompt=data_args.system_prompt)
     return build_train_eval_datasets(dataset_class, data_args, tokenizer, seed, need_train, need_eval)
 
 
@@ -212,9 +223,11 @@ def main(argv: Optional[Sequence[str]] = None, stage: ScoreStage = REWARD_STAGE)
     ``eval_before_training``, the same evaluation of the initial model prefixed ``initial_``.
     """
     setup_cpu_runtime()
-    model_args, data_args, training_args = parse_arguments((ModelArgument, DataArgument, RewardTrainingArguments), argv)
-    import_custom_dataset_modules(data_args.custom_dataset_modules)
-    check_arguments(model_args, data_args, training_args, stage)
+    model_args, data_args, training_args = parse_arguments(
+        (ModelArgument, DataArgument, RewardTrainingArguments), argv, checks=[functools.partial(check_arguments, stage=stage)]
+    )
+    resume = resolve_resume(training_args)  # before any weights load
+    resolve_model_arguments(model_args)  # Hugging Face checkpoints -> converted copies (never written in place)
     exit_clearly_on_sigterm(stage.name, training_args.output_dir)
     training_args.print_config(model_args, "Model")
     training_args.print_config(data_args, "Data")
@@ -231,7 +244,7 @@ def main(argv: Optional[Sequence[str]] = None, stage: ScoreStage = REWARD_STAGE)
     set_seed(training_args.seed)  # the fresh score head: same initial weights for any number of ranks
     model = load_model(model_args, training_args, tokenizer, score_type=stage.score_type)
 
-    resume = prepare_output_dir(training_args)
+    start_metrics_log(training_args, resume)
     trainer = stage.trainer_class(
         model=model,
         args=training_args,
@@ -245,5 +258,5 @@ def main(argv: Optional[Sequence[str]] = None, stage: ScoreStage = REWARD_STAGE)
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)
     exit_after_distributed_run()

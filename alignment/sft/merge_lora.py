@@ -110,6 +110,9 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     if not base_path:
         problems.add("base_model_name_or_path", "required: lora_config.json does not record the base model")
         problems.raise_if_any()
+    from alignment.models.hf_convert import resolve_pretrained_dir
+
+    base_path = resolve_pretrained_dir(base_path)  # a Hugging Face directory is converted (cached)
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=lora_config.dtype or "float32")
     lora_model = LoRAModel.from_pretrained(base, args.lora_path, lora_config=lora_config)
     has_tokenizer = any(
@@ -120,4 +123,6 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from alignment.utils.config import run_entry_point
+
+    run_entry_point(main)

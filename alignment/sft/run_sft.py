@@ -12,6 +12,7 @@ actor. Metrics go to ``output_dir/metrics.jsonl`` (and VisualDL with ``report_to
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -29,7 +30,9 @@ from alignment.data import (
 )
 from alignment.sft.merge_lora import LORA_ADAPTER_DIR, merge_lora_model
 from alignment.sft.sft_trainer import SFTTrainer
-from alignment.utils.config import ConfigError, Problems, parse_arguments
+from alignment.data.chat_template import check_chat_template_argument
+from alignment.models.hf_convert import resolve_model_arguments
+from alignment.utils.config import ConfigError, Problems, parse_arguments, run_entry_point
 from alignment.utils.env import setup_cpu_runtime
 from alignment.utils.metrics import JsonlLoggingCallback
 from alignment.utils.signals import exit_after_distributed_run, exit_clearly_on_sigterm
@@ -39,9 +42,12 @@ from alignment.utils.stage import (
     check_data_arguments,
     check_model_paths,
     check_tokenizer_fits,
-    prepare_output_dir,
+    check_output_dir,
+    check_training_arguments,
+    resolve_resume,
     run_stage,
     save_pretrained_final,
+    start_metrics_log,
     training_dtype,
 )
 
@@ -106,15 +112,19 @@ class SFTTrainingArguments(StageTrainingArguments):
 def check_arguments(model_args: ModelArgument, data_args: DataArgument, training_args: SFTTrainingArguments) -> None:
     """Raise one :class:`ConfigError` listing every problem that can be found before loading anything.
 
-    Custom dataset modules must be imported first, so that their names resolve.
+    Imports the custom dataset modules first, so that their names resolve.
     """
+    import_custom_dataset_modules(data_args.custom_dataset_modules)
     problems = Problems()
+    check_training_arguments(problems, training_args)
+    check_output_dir(problems, training_args)
     check_model_paths(
         problems,
         model_name_or_path=model_args.model_name_or_path,
         tokenizer_name_or_path=model_args.tokenizer_name_or_path,
     )
     problems.check(bool(model_args.model_name_or_path), "model_name_or_path", "required")
+    check_chat_template_argument(problems, data_args.chat_template, data_args.system_prompt)
     check_data_arguments(problems, data_args, training_args, example="alpaca:1:data/alpaca/train.jsonl")
     problems.check(
         training_args.pipeline_parallel_degree <= 1,
@@ -155,7 +165,8 @@ def build_datasets(
     data_args: DataArgument, tokenizer: Any, seed: int, need_train: bool, need_eval: bool
 ) -> tuple[Optional[SupervisedDataset], Optional[SupervisedDataset]]:
     """``(train, eval)`` supervised datasets; eval from ``eval_datasets`` or split off the train mix."""
-    return build_train_eval_datasets(SupervisedDataset, data_args, tokenizer, seed, need_train, need_eval)
+    dataset_class = functools.partial(SupervisedDataset, chat_template=data_args.chat_template, system_prompt=data_args.system_prompt)
+    return build_train_eval_datasets(dataset_class, data_args, tokenizer, seed, need_train, need_eval)
 
 
 def load_model(model_args: ModelArgument, training_args: SFTTrainingArguments, tokenizer: Any) -> Any:
@@ -207,9 +218,11 @@ def _absolute_if_local(name_or_path: str) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
     """Run SFT with ``argv`` (default ``sys.argv[1:]``); returns the final train and eval metrics."""
     setup_cpu_runtime()
-    model_args, data_args, training_args = parse_arguments((ModelArgument, DataArgument, SFTTrainingArguments), argv)
-    import_custom_dataset_modules(data_args.custom_dataset_modules)
-    check_arguments(model_args, data_args, training_args)
+    model_args, data_args, training_args = parse_arguments(
+        (ModelArgument, DataArgument, SFTTrainingArguments), argv, checks=[check_arguments]
+    )
+    resume = resolve_resume(training_args)  # before any weights load
+    resolve_model_arguments(model_args)  # Hugging Face checkpoints -> converted copies (never written in place)
     exit_clearly_on_sigterm("sft", training_args.output_dir)
     training_args.print_config(model_args, "Model")
     training_args.print_config(data_args, "Data")
@@ -232,7 +245,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
     if model_args.lora:
         model = apply_lora(model, model_args)
 
-    resume = prepare_output_dir(training_args)
+    start_metrics_log(training_args, resume)
     trainer = SFTTrainer(
         model=model,
         args=training_args,
@@ -265,5 +278,5 @@ def save_final_model(trainer: SFTTrainer, output_dir: Optional[str] = None) -> N
     logger.info("Saved the SFT model and tokenizer to %s", output_dir)
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)
     exit_after_distributed_run()

@@ -6,8 +6,9 @@ the directory renamed to its final name. A crash leaves either the previous chec
 ``.tmp-*`` directory that is ignored and cleaned up later, never a checkpoint that looks complete
 but is not.
 
-Reading: :func:`verify_checkpoint` checks the manifest (missing, truncated or altered files) and
-that every ``.safetensors`` file parses, and names the offending file.
+Reading: :func:`verify_checkpoint` checks the manifest (missing, truncated or altered files), that
+every ``.safetensors`` file parses and holds no NaN/inf, and names the offending file.
+:func:`find_resume_checkpoint` picks what ``resume_from_checkpoint: auto`` continues from.
 
 Rotation (:func:`rotate_checkpoints`) deletes old ``checkpoint-<step>`` directories only after
 the new one is complete.
@@ -23,7 +24,7 @@ import logging
 import os
 import re
 import shutil
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -37,6 +38,10 @@ __all__ = [
     "verify_checkpoint",
     "checkpoint_dirs",
     "get_last_checkpoint",
+    "find_resume_checkpoint",
+    "checkpoint_step",
+    "nonfinite_names",
+    "saved_weight_names",
     "rotate_checkpoints",
     "save_json",
     "load_json",
@@ -140,8 +145,13 @@ def write_manifest(directory: str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------ reading
-def verify_checkpoint(directory: str) -> None:
-    """Raise :class:`CheckpointError` naming the first problem found in ``directory``."""
+def verify_checkpoint(directory: str, check_finite: bool = True) -> None:
+    """Raise :class:`CheckpointError` naming the first problem found in ``directory``.
+
+    Besides the manifest (missing, truncated or altered files), every ``.safetensors`` file must parse
+    and, with ``check_finite``, hold no NaN/inf in its floating-point tensors: a diverged run's
+    weights are never taken for a good checkpoint.
+    """
     if not os.path.isdir(directory):
         raise CheckpointError(f"checkpoint {directory!r} does not exist")
     manifest_path = os.path.join(directory, MANIFEST)
@@ -166,17 +176,76 @@ def verify_checkpoint(directory: str) -> None:
         if "sha256" in entry and _sha256(full) != entry["sha256"]:
             raise CheckpointError(f"checkpoint {directory!r}: {relative} is corrupt (SHA-256 mismatch)")
         if relative.endswith(".safetensors"):
-            _check_safetensors(full)
+            _check_safetensors(full, check_finite)
 
 
-def _check_safetensors(path: str) -> None:
+def _check_safetensors(path: str, check_finite: bool = True) -> None:
     from safetensors import safe_open
 
     try:
-        with safe_open(path, framework="numpy") as handle:
-            handle.keys()
+        with safe_open(path, framework="paddle" if check_finite else "numpy") as handle:  # paddle reads bfloat16
+            names = list(handle.keys())
+            bad = nonfinite_names((name, handle.get_tensor(name)) for name in names) if check_finite else []
     except Exception as error:
         raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from None
+    if bad:
+        raise CheckpointError(
+            f"{path} holds NaN/inf values in {len(bad)} tensor(s) ({_some(bad)}): it was saved from a diverged run"
+        )
+
+
+def nonfinite_names(tensors: Iterable[tuple[str, Any]]) -> list[str]:
+    """Names of the floating-point tensors (Paddle tensors or arrays) holding a NaN or an inf.
+
+    Args:
+        tensors: ``(name, tensor)`` pairs of any shape; ``None``, integer and boolean tensors are
+            skipped. Paddle tensors are checked on their device with a single host sync.
+    """
+    bad, device_names, device_flags = [], [], []
+    for name, value in tensors:
+        if value is None:
+            continue
+        if hasattr(value, "place"):  # a Paddle tensor
+            import paddle
+
+            if paddle.is_floating_point(value):
+                device_names.append(name)
+                device_flags.append(paddle.isfinite(value).all().reshape([1]))
+            continue
+        array = np.asarray(value)
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            bad.append(name)
+    if device_flags:
+        import paddle
+
+        finite = paddle.concat(device_flags).numpy()
+        bad += [name for name, ok in zip(device_names, finite) if not ok]
+    return bad
+
+
+def _some(names: list[str], limit: int = 3) -> str:
+    return ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def saved_weight_names(directory: str) -> list[str] | None:
+    """Names of the weights of a ``save_pretrained`` directory, read from the safetensors headers (or
+    their index) without loading any tensor; ``None`` if it holds no safetensors weights."""
+    from safetensors import safe_open
+
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        return sorted(load_json(index).get("weight_map", {}))
+    files = sorted(name for name in os.listdir(directory) if name.endswith(".safetensors")) if os.path.isdir(directory) else []
+    if not files:
+        return None
+    names: list[str] = []
+    for name in files:
+        try:
+            with safe_open(os.path.join(directory, name), framework="numpy") as handle:
+                names += list(handle.keys())
+        except Exception as error:
+            raise CheckpointError(f"{os.path.join(directory, name)} is not a readable safetensors file: {error}") from None
+    return sorted(names)
 
 
 def checkpoint_dirs(output_dir: str) -> list[tuple[int, str]]:
@@ -192,14 +261,49 @@ def checkpoint_dirs(output_dir: str) -> list[tuple[int, str]]:
 
 def get_last_checkpoint(output_dir: str) -> str | None:
     """The newest checkpoint of ``output_dir`` that verifies, skipping (and logging) broken ones."""
-    for step, path in reversed(checkpoint_dirs(output_dir)):
+    good, _ = _scan_checkpoints(output_dir)
+    return good
+
+
+def find_resume_checkpoint(output_dir: str) -> str | None:
+    """The checkpoint ``resume_from_checkpoint: auto`` continues from.
+
+    The newest checkpoint that verifies; each newer damaged one is skipped with a warning naming the
+    problem and the checkpoint taken instead. ``None`` when ``output_dir`` holds no checkpoint at all
+    (a fresh start). Raises :class:`CheckpointError` listing every problem when checkpoints exist but
+    none verifies: the user asked to resume, so nothing is started over and no file is touched.
+    """
+    good, damaged = _scan_checkpoints(output_dir)
+    if good is None and damaged:
+        lines = "\n".join(f"  - {problem}" for _, problem in damaged)
+        raise CheckpointError(
+            f"resume_from_checkpoint=auto: none of the {len(damaged)} checkpoint(s) in {output_dir} can be "
+            f"resumed:\n{lines}\nNothing was changed. Resume from an intact copy with --resume_from_checkpoint "
+            "<path>, or start over with --overwrite_output_dir true (without resume_from_checkpoint)."
+        )
+    if good is not None and damaged:
+        logger.warning("resume_from_checkpoint=auto: falling back to %s, the newest intact checkpoint", good)
+    return good
+
+
+def _scan_checkpoints(output_dir: str) -> tuple[str | None, list[tuple[str, str]]]:
+    """``(newest intact checkpoint or None, [(path, problem)] of the newer damaged ones)``."""
+    damaged: list[tuple[str, str]] = []
+    for _, path in reversed(checkpoint_dirs(output_dir)):
         try:
             verify_checkpoint(path)
         except CheckpointError as error:
             logger.warning("skipping checkpoint %s: %s", path, error)
+            damaged.append((path, str(error)))
             continue
-        return path
-    return None
+        return path, damaged
+    return None, damaged
+
+
+def checkpoint_step(checkpoint: str) -> int | None:
+    """The step of a ``checkpoint-<step>`` directory (None for another name)."""
+    match = CHECKPOINT_PATTERN.match(os.path.basename(os.path.normpath(checkpoint)))
+    return int(match.group(1)) if match else None
 
 
 def rotate_checkpoints(output_dir: str, save_total_limit: int | None, keep: str | None = None) -> list[str]:

@@ -14,7 +14,11 @@ or only ``--field value`` pairs, and, before any model is touched:
 * then lets PaddleNLP's ``PdArgumentParser`` build the dataclasses as usual.
 
 Stage-specific range checks collect their findings in a :class:`Problems` and raise one
-:class:`ConfigError` listing all of them.
+:class:`ConfigError`; passed to ``parse_arguments(..., checks=[...])`` they run on the well-formed
+fields even when others are unknown or ill-typed, and every problem is reported in one error.
+
+:func:`run_entry_point` is how the ``run_*.py`` scripts call their ``main``: a user error prints its
+message alone (exit code 2), ``--debug`` or ``ALIGNMENT_DEBUG=1`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -26,9 +30,18 @@ import json
 import os
 import sys
 import typing
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
-__all__ = ["ConfigError", "Problems", "load_argument_file", "parse_arguments", "field_types", "looks_like_local_path"]
+__all__ = [
+    "ConfigError",
+    "Problems",
+    "load_argument_file",
+    "parse_arguments",
+    "field_types",
+    "looks_like_local_path",
+    "run_entry_point",
+    "DEBUG_ENV",
+]
 
 
 class ConfigError(ValueError):
@@ -206,10 +219,16 @@ def _to_cli(key: str, value: Any) -> list[str]:
     return [f"--{key}", str(value)]
 
 
-def parse_arguments(dataclass_types: Sequence[type], argv: Sequence[str] | None = None) -> tuple:
+def parse_arguments(
+    dataclass_types: Sequence[type],
+    argv: Sequence[str] | None = None,
+    checks: Sequence[Callable[..., None]] = (),
+) -> tuple:
     """Parse ``argv`` (default ``sys.argv[1:]``) into instances of ``dataclass_types``.
 
-    Raises :class:`ConfigError` listing every unknown field and every ill-typed value.
+    Raises one :class:`ConfigError` listing every unknown field, every ill-typed value and every
+    problem found by ``checks``: each is called with the dataclass instances (built from the
+    well-formed fields, so one bad field does not hide the others) and may raise a ``ConfigError``.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:  # every field, its default and its help text
@@ -229,25 +248,40 @@ def parse_arguments(dataclass_types: Sequence[type], argv: Sequence[str] | None 
             close = difflib.get_close_matches(key, list(known), n=3, cutoff=0.75)
             hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
             problems.append(f"{key}: unknown argument{hint}")
+    usable: dict[str, Any] = {}
     for key, value in values.items():
         if key in known:
             problem = _type_problem(key, value, *known[key])
             if problem:
                 problems.append(f"{key}: {problem}")
-    if problems:
-        raise ConfigError(problems, source)
+            else:
+                usable[key] = value
 
     cli: list[str] = []
-    for key, value in values.items():
+    for key, value in usable.items():
         if value is None:  # JSON null keeps the field's default (None for Optional fields)
             continue
         cli += _to_cli(key, value)
 
     parser = _StrictParser(dataclass_types, allow_abbrev=False)
     try:
-        return parser.parse_args_into_dataclasses(args=cli, look_for_args_file=False)
+        instances = parser.parse_args_into_dataclasses(args=cli, look_for_args_file=False)
     except _ParserError as error:
-        raise ConfigError([str(error)], source) from None
+        raise ConfigError([*problems, str(error)], source) from None
+    except ConfigError as error:  # a dataclass's own __post_init__ checks
+        raise ConfigError([*problems, *error.problems], source) from None
+    except ValueError as error:  # e.g. PaddleNLP's TrainingArguments checks: keep the problems found so far
+        if not problems:
+            raise
+        raise ConfigError([*problems, str(error)], source) from error
+    for check in checks:
+        try:
+            check(*instances)
+        except ConfigError as error:
+            problems.extend(error.problems)
+    if problems:
+        raise ConfigError(problems, source)
+    return instances
 
 
 class _ParserError(ValueError):
@@ -265,3 +299,49 @@ class _StrictParser(_strict_parser_base()):
 
     def error(self, message: str):  # noqa: D401 - argparse hook
         raise _ParserError(message)
+
+
+# ------------------------------------------------------------------------------ entry points
+DEBUG_ENV = "ALIGNMENT_DEBUG"
+"""Set to 1 (or pass ``--debug``) to see the traceback of a user error."""
+
+EXIT_BAD_INPUT = 2  # bad arguments or data, like argparse
+EXIT_FAILED = 1  # a reported runtime failure (damaged checkpoint, non-finite training)
+
+
+def _error_exit_code(error: BaseException) -> int | None:
+    """The exit code of an error reported without a traceback, or None for an unexpected error."""
+    from alignment.data.base import DatasetError
+    from alignment.utils.checkpoint import CheckpointError
+
+    if isinstance(error, (ConfigError, DatasetError)):
+        return EXIT_BAD_INPUT
+    if isinstance(error, (CheckpointError, FloatingPointError)):
+        return EXIT_FAILED
+    return None
+
+
+def run_entry_point(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> Any:
+    """Run an entry point's ``main(argv)`` the way the command line should see it.
+
+    A user error (:class:`ConfigError`, ``DatasetError``: exit code 2) or a reported failure
+    (``CheckpointError``, a non-finite training error: exit code 1) prints its message alone, without a
+    traceback, on stderr. ``--debug`` anywhere in ``argv`` (it is removed) or ``ALIGNMENT_DEBUG=1``
+    re-raises instead, traceback included. Any other exception propagates as usual.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "").lower() in ("1", "true", "yes")
+    argv = [token for token in argv if token != "--debug"]
+    try:
+        return main(argv)
+    except Exception as error:
+        code = _error_exit_code(error)
+        if debug or code is None:
+            raise
+        program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "alignment"
+        sys.stdout.flush()
+        sys.stderr.write(
+            f"{program}: error: {error}\n(set {DEBUG_ENV}=1 or pass --debug to see the traceback)\n"
+        )
+        sys.stderr.flush()
+        raise SystemExit(code) from None

@@ -14,7 +14,7 @@ import os
 import time
 from typing import Any, Mapping
 
-__all__ = ["MetricsLogger", "JsonlLoggingCallback", "is_main_process", "read_metrics"]
+__all__ = ["MetricsLogger", "JsonlLoggingCallback", "is_main_process", "read_metrics", "truncate_metrics"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,23 @@ class MetricsLogger:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def truncate_metrics(path: str, step: int) -> int:
+    """Drop the records of ``path`` (a metrics.jsonl) logged after ``step``; returns how many.
+
+    A run resumed from the checkpoint of ``step`` logs the later steps again: without this the file
+    would hold them twice. A missing file is left missing.
+    """
+    if not os.path.isfile(path):
+        return 0
+    with open(path, encoding="utf-8") as file:
+        lines = [line for line in file if line.strip()]
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    if len(kept) < len(lines):
+        with open(path, "w", encoding="utf-8") as file:
+            file.writelines(kept)
+    return len(lines) - len(kept)
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:

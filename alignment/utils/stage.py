@@ -20,15 +20,25 @@ from paddlenlp.trainer.trainer_utils import ShardingOption
 from paddlenlp.transformers.model_utils import unwrap_model
 
 from alignment.data import DataArgument, DatasetError, parse_datasets
-from alignment.utils.checkpoint import get_last_checkpoint, verify_checkpoint
+from alignment.utils.checkpoint import (
+    checkpoint_dirs,
+    checkpoint_step,
+    find_resume_checkpoint,
+    load_json,
+    verify_checkpoint,
+)
 from alignment.utils.config import ConfigError, Problems, looks_like_local_path
-from alignment.utils.metrics import METRICS_FILE
+from alignment.utils.metrics import METRICS_FILE, truncate_metrics
 
 __all__ = [
     "StageTrainingArguments",
     "check_model_paths",
     "check_cpu_model_flags",
     "check_data_arguments",
+    "check_training_arguments",
+    "check_output_dir",
+    "resolve_resume",
+    "start_metrics_log",
     "training_dtype",
     "check_tokenizer_fits",
     "build_train_eval_datasets",
@@ -152,33 +162,87 @@ def build_train_eval_datasets(
     return (train_dataset if need_train else None), eval_dataset
 
 
-def prepare_output_dir(training_args: Any) -> Optional[str]:
-    """The verified checkpoint to resume from, if any; a fresh run starts a fresh metrics.jsonl.
+def check_training_arguments(
+    problems: Problems, training_args: Any, batch_sizes: bool = True, **learning_rates: Optional[float]
+) -> None:
+    """Batch sizes and accumulation (with ``batch_sizes``) and learning rates (``learning_rate`` plus any
+    named in ``learning_rates``; ``None`` = not set), checked before anything loads."""
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        value = getattr(training_args, name, None)
+        if batch_sizes and value is not None:
+            problems.check(value >= 1, name, f"must be a positive integer, got {value}")
+    rates = {"learning_rate": training_args.learning_rate, **learning_rates}
+    for name, value in rates.items():
+        if value is not None:
+            problems.check(value >= 0, name, f"must be >= 0, got {value}")
+
+
+def check_output_dir(problems: Problems, training_args: Any) -> None:
+    """An ``output_dir`` that already holds checkpoints needs ``resume_from_checkpoint`` or
+    ``overwrite_output_dir``: two runs are never mixed silently."""
+    if training_args.resume_from_checkpoint is None and training_args.do_train and not training_args.overwrite_output_dir:
+        existing = checkpoint_dirs(training_args.output_dir)
+        if existing:
+            problems.add(
+                "output_dir",
+                f"{training_args.output_dir!r} already holds {os.path.basename(existing[-1][1])}; pass "
+                "--resume_from_checkpoint auto to continue that run, or --overwrite_output_dir true to start over",
+            )
+
+
+def resolve_resume(training_args: Any) -> Optional[str]:
+    """The verified checkpoint to resume from, if any (no file is changed; call before loading weights).
 
     Resuming is opt-in, because PaddleNLP ``Trainer`` checkpoints hold Paddle's pickle-based
     optimizer/RNG files: ``resume_from_checkpoint`` is a checkpoint directory, or ``auto`` for the
-    newest complete one in ``output_dir``. An ``output_dir`` that already holds checkpoints needs one
-    of ``resume_from_checkpoint`` or ``overwrite_output_dir`` (no silent mixing of two runs).
+    newest complete one in ``output_dir`` (none at all: a fresh start; all damaged: a
+    ``CheckpointError``, see :func:`find_resume_checkpoint`). See also :func:`check_output_dir`.
     """
+    problems = Problems()
+    check_output_dir(problems, training_args)
+    problems.raise_if_any()
     resume = training_args.resume_from_checkpoint
     if resume in ("auto", "true", "True"):
-        resume = get_last_checkpoint(training_args.output_dir) if training_args.do_train else None
-        logger.info("resume_from_checkpoint=auto: %s", resume or "no complete checkpoint, starting fresh")
+        resume = find_resume_checkpoint(training_args.output_dir) if training_args.do_train else None
+        logger.info("resume_from_checkpoint=auto: %s", resume or "no checkpoint yet, starting fresh")
     elif resume is not None:
         verify_checkpoint(resume)
-    elif training_args.do_train and not training_args.overwrite_output_dir:
-        existing = get_last_checkpoint(training_args.output_dir)
-        if existing is not None:
-            raise ConfigError(
-                [
-                    f"output_dir: {training_args.output_dir!r} already holds {os.path.basename(existing)}; pass "
-                    "--resume_from_checkpoint auto to continue that run, or --overwrite_output_dir true to start over"
-                ]
-            )
-    if resume is None and training_args.do_train and training_args.should_save:
-        stale = os.path.join(training_args.output_dir, METRICS_FILE)
-        if os.path.exists(stale):
-            os.remove(stale)
+    return resume
+
+
+def start_metrics_log(training_args: Any, resume: Optional[str]) -> None:
+    """A fresh run starts a fresh metrics.jsonl; a resumed one drops the records logged after its
+    checkpoint (the interrupted run's later steps are logged again). Main process only."""
+    if not (training_args.do_train and training_args.should_save):
+        return
+    path = os.path.join(training_args.output_dir, METRICS_FILE)
+    if resume is None:
+        if os.path.exists(path):
+            os.remove(path)
+        return
+    step = checkpoint_step(resume)
+    if step is None:
+        step = _trainer_state_step(resume)
+    if step is not None:
+        dropped = truncate_metrics(path, step)
+        if dropped:
+            logger.info("metrics.jsonl: dropped %d record(s) logged after step %d by the interrupted run", dropped, step)
+
+
+def _trainer_state_step(checkpoint: str) -> Optional[int]:
+    path = os.path.join(checkpoint, "trainer_state.json")
+    if not os.path.isfile(path):
+        return None
+    state = load_json(path)
+    state = state.get("state", state)  # the PPO stage nests its counters
+    step = state.get("global_step")
+    return int(step) if step is not None else None
+
+
+def prepare_output_dir(training_args: Any) -> Optional[str]:
+    """:func:`resolve_resume` then :func:`start_metrics_log`: the checkpoint to resume from, if any."""
+    resume = resolve_resume(training_args)
+    start_metrics_log(training_args, resume)
     return resume
 
 
