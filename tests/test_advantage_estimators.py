@@ -163,9 +163,9 @@ def test_actor_loss_with_kl_loss_and_entropy_golden():
         args = dict(clip_range_ratio=0.2, clip_range_ratio_low=None, clip_range_ratio_high=None, loss_mean_type="token",
                     kl_loss_coeff=0.0, kl_estimator=None, entropy_coeff=0.0)  # fmt: skip
         args.update(overrides)
-        trainer = SimpleNamespace(args=SimpleNamespace(**args))
-        value = float(PPOTrainer.actor_loss(trainer, logits, batch))
-        return value, trainer.last_actor_metrics
+        metrics = {}
+        value = float(PPOTrainer.actor_loss(SimpleNamespace(args=SimpleNamespace(**args)), logits, batch, metrics))
+        return value, metrics
 
     value, metrics = loss()
     assert value == pytest.approx(-1.0, abs=1e-6)  # ratio 1, advantage 1 on both tokens

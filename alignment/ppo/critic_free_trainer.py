@@ -141,7 +141,5 @@ class CriticFreeTrainer(PPOTrainer):
         }
 
     def rl_step(self, batch: dict[str, Any], loss_weight: float, accumulating: bool, actor_accumulating: bool) -> dict[str, float]:
-        actor_loss, metrics = self.backward_on(
-            "actor", batch, self.actor_loss_with_metrics, loss_weight, actor_accumulating, self.ACTOR_METRICS
-        )
+        actor_loss, metrics = self.backward_on("actor", batch, self.actor_loss, loss_weight, actor_accumulating, self.ACTOR_METRICS)
         return {"train/actor_loss": actor_loss, **metrics}

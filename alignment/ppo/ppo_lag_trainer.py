@@ -223,7 +223,7 @@ class PPOLagTrainer(PPOTrainer):
         lambda_value = self.lagrange.lambda_value
         actor_batch = {**batch, "advantages": combine_advantages(batch["advantages"], batch["cost_advantages"], lambda_value)}
         actor_loss, actor_metrics = self.backward_on(
-            "actor", actor_batch, self.actor_loss_with_metrics, loss_weight, actor_accumulating, self.ACTOR_METRICS
+            "actor", actor_batch, self.actor_loss, loss_weight, actor_accumulating, self.ACTOR_METRICS
         )
         return {
             "train/actor_loss": actor_loss,

@@ -264,13 +264,13 @@ class PPOTrainer(RLTrainer):
     #: Metrics recorded by :meth:`actor_loss` (broadcast from the last pipeline stage).
     ACTOR_METRICS = ("train/entropy", "train/clip_fraction", "train/kl_loss")
 
-    def actor_loss(self, logits: paddle.Tensor, batch: dict[str, Any]) -> paddle.Tensor:
+    def actor_loss(self, logits: paddle.Tensor, batch: dict[str, Any], metrics: dict[str, float] | None = None) -> paddle.Tensor:
         """Policy loss from ``logits [B, R, V]`` at the response columns (predicting tokens ``start+1 ..``).
 
         PPO-clip with ``(1 - clip_range_ratio_low, 1 + clip_range_ratio_high)`` (both default to
         ``clip_range_ratio``), plus ``kl_loss_coeff`` x the ``kl_estimator`` KL to the reference, minus
-        ``entropy_coeff`` x the entropy; each term reduced with ``loss_mean_type``. Leaves the entropy, the
-        clip fraction and the KL term of this micro-batch in ``self.last_actor_metrics`` (``ACTOR_METRICS``).
+        ``entropy_coeff`` x the entropy; each term reduced with ``loss_mean_type``. Records entropy, clip
+        fraction and the KL term in ``metrics``.
         """
         args = self.args
         mask, mean_type = batch["response_mask"], args.loss_mean_type
@@ -287,25 +287,18 @@ class PPOTrainer(RLTrainer):
         else:
             with paddle.no_grad():
                 entropy = masked_loss_mean(entropy_from_logits(logits.detach()), mask, mean_type)
-        fraction = ratio_clip_fraction(log_probs, batch["old_log_probs"], batch["advantages"], mask, args.clip_range_ratio, **clip)
-        self.last_actor_metrics = {
-            "train/entropy": float(entropy.item()),
-            "train/clip_fraction": float(fraction.item()),
-            "train/kl_loss": float(kl_loss.item()),
-        }
-        return loss
-
-    def actor_loss_with_metrics(self, logits: paddle.Tensor, batch: dict[str, Any], metrics: dict[str, float]) -> paddle.Tensor:
-        """:meth:`actor_loss` as a :meth:`backward_on` loss function (its metrics into ``metrics``)."""
-        loss = self.actor_loss(logits, batch)
-        metrics.update(self.last_actor_metrics)
+        if metrics is not None:
+            fraction = ratio_clip_fraction(log_probs, batch["old_log_probs"], batch["advantages"], mask, args.clip_range_ratio, **clip)
+            metrics.update({
+                "train/entropy": float(entropy.item()),
+                "train/clip_fraction": float(fraction.item()),
+                "train/kl_loss": float(kl_loss.item()),
+            })  # fmt: skip
         return loss
 
     def rl_step(self, batch: dict[str, Any], loss_weight: float, accumulating: bool, actor_accumulating: bool) -> dict[str, float]:
         critic_loss, _ = self.backward_on("reward_critic", batch, lambda values, b, _: self.critic_loss(values, b), loss_weight, accumulating)
-        actor_loss, metrics = self.backward_on(
-            "actor", batch, self.actor_loss_with_metrics, loss_weight, actor_accumulating, self.ACTOR_METRICS
-        )
+        actor_loss, metrics = self.backward_on("actor", batch, self.actor_loss, loss_weight, actor_accumulating, self.ACTOR_METRICS)
         return {"train/actor_loss": actor_loss, "train/reward_critic_loss": critic_loss, **metrics}
 
 

@@ -555,14 +555,11 @@ class RLTrainer(abc.ABC):
 
     def finish_update(self, finite: bool, last_metrics: dict[str, float]) -> None:
         """Step every declared optimizer, unless a non-finite loss was seen in the window on any rank."""
-        # Critics step first, the actor last (the order of PaddleNLP's losses and of the seed's loop).
-        order = [t for role, t in self.trainers.items() if role not in self.POLICY_ROLES]
-        order += [t for role, t in self.trainers.items() if role in self.POLICY_ROLES]
         if self.check_finite({"loss": 0.0 if finite else float("nan")}, what="update", summary=last_metrics):
-            for trainer in order:
+            for trainer in self.trainers.values():
                 trainer.optimizer_step()
         else:
-            for trainer in order:
+            for trainer in self.trainers.values():
                 trainer.zero_grad()
             self.state.skipped_updates += 1
         self.state.global_step += 1
