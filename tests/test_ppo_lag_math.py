@@ -116,6 +116,14 @@ def test_window_keeps_the_last_costs_and_an_empty_window_does_not_step():
     assert list(multiplier.episode_costs) == [3.0, 5.0] and multiplier.mean_episode_cost() == 4.0
 
 
+def test_non_finite_episode_costs_are_left_out_whole():
+    multiplier = LagrangeMultiplier()
+    assert multiplier.add_episode_costs([1.0, 2.0])
+    assert not multiplier.add_episode_costs([3.0, float("nan")]) and not multiplier.add_episode_costs([float("inf")])
+    assert list(multiplier.episode_costs) == [1.0, 2.0]
+    assert math.isfinite(multiplier.step(0)["train/lambda"])
+
+
 def test_state_round_trip_continues_the_same_trajectory():
     def run(multiplier, steps):
         out = []

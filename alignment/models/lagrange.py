@@ -133,9 +133,15 @@ class LagrangeMultiplier:
     def max_log_lambda(self) -> Optional[float]:
         return None if self.lambda_max is None else math.log(self.lambda_max)
 
-    def add_episode_costs(self, costs: Iterable[float]) -> None:
-        """Append episode costs (oldest drop out beyond ``window_size``)."""
-        self.episode_costs.extend(float(c) for c in costs)
+    def add_episode_costs(self, costs: Iterable[float]) -> bool:
+        """Append episode costs (oldest drop out beyond ``window_size``). A batch holding a NaN/inf cost is
+        left out whole (the loop skips or stops on that rollout; one NaN would stick in lambda for good):
+        returns whether the costs were added."""
+        costs = [float(c) for c in costs]
+        if not all(math.isfinite(c) for c in costs):
+            return False
+        self.episode_costs.extend(costs)
+        return True
 
     def mean_episode_cost(self) -> float:
         """Mean of the window (NaN when empty)."""
