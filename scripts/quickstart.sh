@@ -2,9 +2,9 @@
 # The whole pipeline on a CPU in minutes: tiny tokenizer + model -> SFT -> reward model -> PPO ->
 # evaluation, each stage through its public entry point and JSON file (config/tiny/*.json).
 #
-#   bash scripts/quickstart.sh [--output-dir DIR] [--algorithm ppo|dpo|grpo|rloo|reinforce_plus_plus] [--sft-from DIR]
-#                              [--sft-args "..."] [--rm-args "..."] [--ppo-args "..."] [--dpo-args "..."]
-#                              [--eval-samples N]
+#   bash scripts/quickstart.sh [--output-dir DIR] [--algorithm ppo|dpo|grpo|rloo|reinforce_plus_plus] [--safe]
+#                              [--sft-from DIR] [--sft-args "..."] [--rm-args "..."] [--cm-args "..."]
+#                              [--ppo-args "..."] [--dpo-args "..."] [--eval-samples N]
 #
 # --*-args are extra "--field value" overrides appended to that stage's JSON arguments.
 # --algorithm chooses the alignment stage after SFT (ppo: reward model + PPO; dpo: DPO directly on the
@@ -12,6 +12,9 @@
 # grpo, rloo, reinforce_plus_plus: critic-free RL on the example task's rule reward,
 # config/tiny/grpo_argument.json with --rl_algorithm; their --ppo-args override that file); --sft-from DIR
 # reuses an SFT checkpoint (skips the asset and SFT stages, e.g. to compare algorithms from one SFT model).
+# --safe (Safe RLHF, = --algorithm ppo_lag): also trains a cost model on the example data's safety labels
+# (config/tiny/cm_argument.json) and runs PPO-Lagrangian (config/tiny/ppo_lag_argument.json), then the
+# arena SFT vs PPO-Lag judged by both models (arena.json, plots/arena.png).
 # Ends with DIR/report.json, PNG curves in DIR/plots/ and a table of generations before/after PPO.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +24,7 @@ ALGORITHM=ppo
 SFT_FROM=""
 SFT_ARGS=""
 RM_ARGS=""
+CM_ARGS=""
 PPO_ARGS=""
 DPO_ARGS=""
 EVAL_SAMPLES=4
@@ -31,19 +35,21 @@ while [ $# -gt 0 ]; do
     --sft-from) SFT_FROM="$2"; shift 2 ;;
     --sft-args) SFT_ARGS="$2"; shift 2 ;;
     --rm-args) RM_ARGS="$2"; shift 2 ;;
+    --cm-args) CM_ARGS="$2"; shift 2 ;;
+    --safe) ALGORITHM=ppo_lag; shift ;;
     --ppo-args) PPO_ARGS="$2"; shift 2 ;;
     --dpo-args) DPO_ARGS="$2"; shift 2 ;;
     --eval-samples) EVAL_SAMPLES="$2"; shift 2 ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 
 case "$ALGORITHM" in
-  ppo) ;;
+  ppo|ppo_lag) ;;
   dpo) ;;
   grpo|rloo|reinforce_plus_plus) ;;
-  *) echo "unknown --algorithm: $ALGORITHM (choose from: ppo, dpo, grpo, rloo, reinforce_plus_plus)" >&2; exit 2 ;;
+  *) echo "unknown --algorithm: $ALGORITHM (choose from: ppo, ppo_lag (= --safe), dpo, grpo, rloo, reinforce_plus_plus)" >&2; exit 2 ;;
 esac
 
 PYTHON="${PYTHON:-python}"
@@ -117,9 +123,30 @@ run_critic_free() {  # no reward model, no critic: the example task's ground tru
     --prompts "$TEST_PROMPTS" --samples "$EVAL_SAMPLES" --output "$OUT/eval_ppo.json"
 }
 
+run_ppo_lag() {  # Safe RLHF: reward model + cost model -> PPO-Lagrangian -> arena
+  # shellcheck disable=SC2086
+  stage reward_model "$PYTHON" alignment/rm/run_reward.py config/tiny/rm_argument.json \
+    --model_name_or_path "$SFT" --output_dir "$OUT/rm" $RM_ARGS
+  # shellcheck disable=SC2086
+  stage cost_model "$PYTHON" alignment/rm/run_cost.py config/tiny/cm_argument.json \
+    --model_name_or_path "$SFT" --output_dir "$OUT/cm" $CM_ARGS
+  stage eval_sft "$PYTHON" scripts/evaluate_policy.py --policy "$SFT" --reward-model "$OUT/rm" \
+    --prompts "$TEST_PROMPTS" --samples "$EVAL_SAMPLES" --output "$OUT/eval_sft.json"
+  # shellcheck disable=SC2086
+  stage ppo_lag "$PYTHON" alignment/ppo/run_ppo.py config/tiny/ppo_lag_argument.json \
+    --actor_model_name_or_path "$SFT" --reward_model_name_or_path "$OUT/rm" --cost_model_name_or_path "$OUT/cm" \
+    --output_dir "$OUT/ppo_lag" $PPO_ARGS
+  stage eval_ppo "$PYTHON" scripts/evaluate_policy.py --policy "$OUT/ppo_lag/policy" --reward-model "$OUT/rm" \
+    --prompts "$TEST_PROMPTS" --samples "$EVAL_SAMPLES" --output "$OUT/eval_ppo.json"
+  stage arena "$PYTHON" scripts/arena.py --red-policy "$SFT" --red-name sft --blue-policy "$OUT/ppo_lag/policy" \
+    --blue-name ppo_lag --reward-model "$OUT/rm" --cost-model "$OUT/cm" --prompts "$TEST_PROMPTS" \
+    --samples "$EVAL_SAMPLES" --output "$OUT/arena.json" --plot "$OUT/plots/arena.png"
+}
+
 case "$ALGORITHM" in
   ppo) run_ppo ;;
   dpo) run_dpo ;;
+  ppo_lag) run_ppo_lag ;;
   grpo|rloo|reinforce_plus_plus) run_critic_free ;;
 esac
 

@@ -23,6 +23,9 @@ from alignment.models.score_model_utils import (
     RunningMeanStd,
     ScoreModelMixin,
     ScoreModelOutput,
+    cost_sequence_loss,
+    cost_sign_accuracy,
+    cost_token_loss,
     get_normalizer,
     reward_accuracy,
     reward_sequence_loss,
@@ -52,4 +55,7 @@ __all__ = [
     "reward_sequence_loss",
     "reward_token_loss",
     "reward_accuracy",
+    "cost_sequence_loss",
+    "cost_token_loss",
+    "cost_sign_accuracy",
 ]

@@ -35,4 +35,4 @@ class LlamaValuePipe(PipelineStage):
 
 
 #: Which pipeline model each trainable PPO role uses.
-PIPE_MODEL_FOR_ROLE = {"actor": LlamaPolicyPipe, "critic": LlamaValuePipe}
+PIPE_MODEL_FOR_ROLE = {"actor": LlamaPolicyPipe, "critic": LlamaValuePipe, "cost_critic": LlamaValuePipe}

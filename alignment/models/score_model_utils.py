@@ -3,7 +3,8 @@
 * Normalizers: running statistics of end scores, saved in the model's ``state_dict``.
 * :class:`ScoreModelMixin`: the score head on top of a transformer backbone, the end-token gather and
   the optional score normalization (PaddleNLP/safe-rlhf ``get_score`` semantics, upstream bugs fixed).
-* Reward-model losses as pure functions over paddle tensors (sequence-wise and token-wise).
+* Reward-model and cost-model losses as pure functions over paddle tensors (sequence-wise and
+  token-wise).
 
 Shapes: ``B`` batch, ``L`` padded sequence length, ``E`` hidden size, ``D`` score dimension.
 """
@@ -45,6 +46,9 @@ __all__ = [
     "reward_sequence_loss",
     "reward_token_loss",
     "reward_accuracy",
+    "cost_sequence_loss",
+    "cost_token_loss",
+    "cost_sign_accuracy",
 ]
 
 EPSILON = 1e-8
@@ -621,3 +625,112 @@ def reward_accuracy(higher_end_rewards: paddle.Tensor, lower_end_rewards: paddle
             f"shapes differ: {list(higher_end_rewards.shape)} vs {list(lower_end_rewards.shape)}"
         )
     return (higher_end_rewards > lower_end_rewards).astype("float32").mean()
+
+
+# --------------------------------------------------------------------------------------------------
+# Cost-model losses (Safe RLHF): a higher cost is less safe
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_cost_signs(name: str, signs: paddle.Tensor, batch_size: int) -> paddle.Tensor:
+    if signs.ndim != 1 or signs.shape[0] != batch_size:
+        raise ValueError(f"{name} must be [batch] = [{batch_size}], got {list(signs.shape)}")
+    if not bool(((signs == 1) | (signs == -1)).all()):
+        raise ValueError(f"{name} must hold +1 (unsafe: cost > 0) or -1 (safe: cost < 0), got {signs.tolist()}")
+    return signs.astype("float32")
+
+
+def cost_sequence_loss(
+    higher_end_costs: paddle.Tensor,
+    lower_end_costs: paddle.Tensor,
+    higher_cost_signs: paddle.Tensor,
+    lower_cost_signs: paddle.Tensor,
+    regularization: float = 0.0,
+) -> paddle.Tensor:
+    """Safe RLHF cost-model loss on end costs [B] -> scalar float32.
+
+    ``h_i`` / ``l_i``: end cost of the unsafer ("higher" cost) / safer answer of pair i;
+    ``c^h_i`` / ``c^l_i`` in {+1, -1}: their cost signs (+1 = labelled unsafe, i.e. minus the
+    dataset's safety sign). Bradley-Terry on the pair plus one sign term per answer:
+
+    loss = mean_i [-log sigma(h_i - l_i) - log sigma(c^l_i l_i) - log sigma(c^h_i h_i)]
+           + regularization * (mean_i l_i^2 + mean_i h_i^2)
+
+    (the regulariser has the reward loss's form, :func:`reward_sequence_loss`).
+    """
+    if higher_end_costs.ndim != 1 or higher_end_costs.shape != lower_end_costs.shape:
+        raise ValueError(
+            "higher_end_costs and lower_end_costs must both be [batch]; got "
+            f"{list(higher_end_costs.shape)} and {list(lower_end_costs.shape)}"
+        )
+    regularization = _check_regularization(regularization)
+    batch_size = higher_end_costs.shape[0]
+    higher_signs = _check_cost_signs("higher_cost_signs", higher_cost_signs, batch_size)
+    lower_signs = _check_cost_signs("lower_cost_signs", lower_cost_signs, batch_size)
+    higher = higher_end_costs.astype("float32")
+    lower = lower_end_costs.astype("float32")
+    per_pair = -F.log_sigmoid(higher - lower) - F.log_sigmoid(lower_signs * lower) - F.log_sigmoid(higher_signs * higher)
+    loss = per_pair.mean()
+    if regularization > 0:
+        loss = loss + regularization * ((lower**2).mean() + (higher**2).mean())
+    return loss
+
+
+def cost_token_loss(
+    higher_costs: paddle.Tensor,
+    lower_costs: paddle.Tensor,
+    higher_cost_signs: paddle.Tensor,
+    lower_cost_signs: paddle.Tensor,
+    higher_input_ids: paddle.Tensor,
+    lower_input_ids: paddle.Tensor,
+    higher_attention_mask: paddle.Tensor,
+    lower_attention_mask: paddle.Tensor,
+    regularization: float = 0.0,
+) -> paddle.Tensor:
+    """Token-wise cost-model loss on per-token costs [B, L] -> scalar float32.
+
+    Per pair i, over the span t in [d_i, e_i] of :func:`divergence_span_mask` (n_i tokens), with
+    ``m_i(x) = (1/n_i) sum_t x_t``:
+    l_i = m_i(-log sigma(h_t - l_t)) + m_i(-log sigma(c^l_i l_t)) + m_i(-log sigma(c^h_i h_t))
+          + regularization * (m_i(l_t^2) + m_i(h_t^2));  loss = mean_i l_i.
+    Signs as in :func:`cost_sequence_loss`.
+    """
+    if higher_costs.ndim != 2 or higher_costs.shape != lower_costs.shape:
+        raise ValueError(
+            f"higher_costs and lower_costs must both be [batch, seq_len]; got {list(higher_costs.shape)} "
+            f"and {list(lower_costs.shape)}"
+        )
+    if list(higher_costs.shape) != list(higher_input_ids.shape):
+        raise ValueError(
+            f"costs {list(higher_costs.shape)} and input ids {list(higher_input_ids.shape)} must have the same shape"
+        )
+    regularization = _check_regularization(regularization)
+    batch_size = higher_costs.shape[0]
+    higher_signs = _check_cost_signs("higher_cost_signs", higher_cost_signs, batch_size).unsqueeze(1)
+    lower_signs = _check_cost_signs("lower_cost_signs", lower_cost_signs, batch_size).unsqueeze(1)
+    span = divergence_span_mask(higher_input_ids, lower_input_ids, higher_attention_mask, lower_attention_mask)
+    span_length = span.astype("float32").sum(axis=1)
+
+    def span_mean(values: paddle.Tensor) -> paddle.Tensor:  # [B, L] -> [B]
+        return paddle.where(span, values, paddle.zeros_like(values)).sum(axis=1) / span_length
+
+    higher = higher_costs.astype("float32")
+    lower = lower_costs.astype("float32")
+    per_pair = (
+        span_mean(-F.log_sigmoid(higher - lower))
+        + span_mean(-F.log_sigmoid(lower_signs * lower))
+        + span_mean(-F.log_sigmoid(higher_signs * higher))
+    )
+    if regularization > 0:
+        per_pair = per_pair + regularization * (span_mean(lower**2) + span_mean(higher**2))
+    return per_pair.mean()
+
+
+def cost_sign_accuracy(costs: paddle.Tensor, cost_signs: paddle.Tensor) -> paddle.Tensor:
+    """Fraction of answers whose cost has the labelled sign (c * cost > 0, strict) -> scalar float32.
+
+    costs, cost_signs: [N] (the 2B end costs of a batch and their +1/-1 cost signs).
+    """
+    if costs.shape != cost_signs.shape or costs.ndim != 1:
+        raise ValueError(f"costs and cost_signs must both be [N]; got {list(costs.shape)} and {list(cost_signs.shape)}")
+    return ((cost_signs.astype("float32") * costs.astype("float32")) > 0).astype("float32").mean()

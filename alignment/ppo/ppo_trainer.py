@@ -79,10 +79,12 @@ class PPOTrainer(RLTrainer):
         ptx_dataset: Any = None,
         generate_fn: Any = None,
         reward_source: Any = None,
+        extra_trainers: dict[str, StepTrainer] | None = None,
     ) -> None:
         trainers = {"actor": actor_trainer}
         if critic_trainer is not None:
             trainers["reward_critic"] = critic_trainer
+        trainers.update(extra_trainers or {})  # a subclass's further MODEL_ROLES (e.g. PPO-Lag's cost critic)
         super().__init__(args, trainers, tokenizer, train_dataset, rollout, eval_dataset, ptx_dataset, generate_fn)
         if reward_model is None and reward_source is None:
             raise ValueError("PPOTrainer needs a reward: a reward model and/or a reward source")

@@ -27,6 +27,7 @@ from paddlenlp.trainer import TrainingArguments as PaddleTrainingArguments
 
 from alignment.data.arguments import DataArgument as BaseDataArgument
 from alignment.models.architectures import check_architecture
+from alignment.ppo.ppo_lag_trainer import PPOLagArguments, PPOLagModelArgument, ppo_lag_problems
 from alignment.utils.config import Problems, looks_like_local_path
 from alignment.utils.stage import check_cpu_model_flags
 
@@ -47,7 +48,7 @@ logger = logging.getLogger("alignment.ppo")
 
 #: ``rl_algorithm`` values: ``ppo`` trains a critic; the others are critic-free advantage estimators
 #: (``alignment.models.ppo_model_utils.get_advantage_estimator``).
-RL_ALGORITHMS = ("ppo", "grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
+RL_ALGORITHMS = ("ppo", "ppo_lag", "grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
 CRITIC_FREE_ALGORITHMS = ("grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
 #: Algorithms whose baseline is the other samples of the prompt: a group of one has none.
 GROUP_ALGORITHMS = ("grpo", "rloo")
@@ -59,7 +60,7 @@ def uses_critic(args: Any) -> bool:
 
 
 @dataclass
-class ModelArgument:
+class ModelArgument(PPOLagModelArgument):
     actor_model_name_or_path: Optional[str] = field(
         default=None, metadata={"help": "SFT checkpoint: initializes the actor and the frozen reference model."}
     )
@@ -105,7 +106,7 @@ class DataArgument(BaseDataArgument):
 
 
 @dataclass
-class TrainingArguments(PaddleTrainingArguments):
+class TrainingArguments(PPOLagArguments, PaddleTrainingArguments):
     # algorithm
     rl_algorithm: str = field(
         default="ppo",
@@ -262,7 +263,10 @@ def parallel_layout_problems(
     return problems
 
 
-MODEL_PATHS = ("actor_model_name_or_path", "reward_model_name_or_path", "reward_critic_model_name_or_path")
+MODEL_PATHS = (
+    "actor_model_name_or_path", "reward_model_name_or_path", "reward_critic_model_name_or_path",
+    "cost_model_name_or_path", "cost_critic_model_name_or_path",
+)  # fmt: skip
 
 # TrainingArguments fields PaddleNLP's Trainer acts on but the PPO loop does not: (field, refused when, why).
 UNSUPPORTED_TRAINING_ARGUMENTS = (
@@ -382,6 +386,8 @@ def validate_arguments(model_args: ModelArgument, data_args: DataArgument, args:
     if args.clip_range_ratio_low is not None:
         problems.check(args.clip_range_ratio_low < 1, "clip_range_ratio_low", f"must be < 1 (the ratio floor is 1 - low), got {args.clip_range_ratio_low}")
     problems.check(args.advantage_epsilon > 0, "advantage_epsilon", f"must be > 0, got {args.advantage_epsilon}")
+    for name, message in ppo_lag_problems(model_args, args):
+        problems.add(name, message)
     for name in MODEL_PATHS:
         value = getattr(model_args, name)
         if value and looks_like_local_path(value) and not os.path.exists(os.path.expanduser(value)):
@@ -660,7 +666,12 @@ def load_models(model_args: ModelArgument, args: TrainingArguments) -> dict[str,
         )
     if uses_critic(args):
         models["critic"] = load(_score_model_class(critic_path), critic_path, train_tp, score_type="critic", do_normalize=False)
-    trained = [name for name in ("actor", "critic") if name in models]
+    if args.rl_algorithm == "ppo_lag":  # Safe RLHF: a frozen cost model and a cost critic
+        cost_path = model_args.cost_model_name_or_path
+        cost_critic_path = model_args.cost_critic_model_name_or_path or cost_path
+        models["cost"] = load(_score_model_class(cost_path), cost_path, eval_tp, score_type="cost", do_normalize=args.normalize_cost)
+        models["cost_critic"] = load(_score_model_class(cost_critic_path), cost_critic_path, train_tp, score_type="critic", do_normalize=False)
+    trained = [name for name in ("actor", "critic", "cost_critic") if name in models]
     if args.eval_mode:
         for name in trained:
             models[f"{name}_eval"] = _rollout_copy(models[name], eval_tp, tp_rank, dtype)
@@ -775,6 +786,25 @@ def build_trainer(model_args: ModelArgument, data_args: DataArgument, args: Trai
         models["critic"], critic_args, name="critic", tokenizer=tokenizer,
         pipeline=models.get("critic_pipeline"), eval_model=models.get("critic_eval"),
     )  # fmt: skip
+    if args.rl_algorithm == "ppo_lag":
+        from alignment.ppo.ppo_lag_trainer import PPOLagTrainer
+
+        cost_tokenizer = load_tokenizer(model_args.cost_model_name_or_path, padding_side="right")
+        cost_tokenizer = tokenizer if is_same_tokenizer(tokenizer, cost_tokenizer) else cost_tokenizer
+        cost_critic_path = model_args.cost_critic_model_name_or_path or model_args.cost_model_name_or_path
+        if not is_same_tokenizer(tokenizer, load_tokenizer(cost_critic_path)):
+            raise ValueError(
+                f"cost_critic_model_name_or_path: the cost critic's tokenizer ({cost_critic_path}) must equal the actor's: "
+                "values are computed on the actor's tokens"
+            )
+        cost_critic_trainer = StepTrainer(
+            models["cost_critic"], critic_args, name="cost_critic", tokenizer=tokenizer,
+            pipeline=models.get("cost_critic_pipeline"), eval_model=models.get("cost_critic_eval"),
+        )  # fmt: skip
+        return PPOLagTrainer(
+            args, actor_trainer, critic_trainer, cost_critic_trainer, cost_model=models["cost"],
+            cost_tokenizer=cost_tokenizer, **common,
+        )  # fmt: skip
     return PPOTrainer(args, actor_trainer, critic_trainer, **common)
 
 

@@ -93,13 +93,18 @@ class PairRewards:
     lower_rewards: paddle.Tensor
 
 
-def score_pairs(model: paddle.nn.Layer, inputs: dict[str, paddle.Tensor]) -> PairRewards:
+def score_pairs(
+    model: paddle.nn.Layer, inputs: dict[str, paddle.Tensor], higher: str = "better", lower: str = "worse"
+) -> PairRewards:
     """Score better and worse rows of a preference batch in one forward pass of ``concat(better, worse)``.
 
     ``model`` is a score model with ``score_dim`` 1 (possibly wrapped, e.g. in ``paddle.DataParallel``).
+    ``higher`` / ``lower`` name the batch's two sides (``{side}_input_ids``, ``{side}_attention_mask``)
+    whose scores should be the higher / lower one: ``better``/``worse`` for a reward model,
+    ``unsafer``/``safer`` for a cost model (:mod:`alignment.rm.cost_trainer`).
     """
-    better_ids, worse_ids = inputs["better_input_ids"], inputs["worse_input_ids"]
-    better_mask, worse_mask = inputs["better_attention_mask"], inputs["worse_attention_mask"]
+    better_ids, worse_ids = inputs[f"{higher}_input_ids"], inputs[f"{lower}_input_ids"]
+    better_mask, worse_mask = inputs[f"{higher}_attention_mask"], inputs[f"{lower}_attention_mask"]
     shapes = [list(t.shape) for t in (better_ids, better_mask, worse_ids, worse_mask)]
     if len(shapes[0]) != 2 or any(shape != shapes[0] for shape in shapes):
         raise ValueError(
@@ -244,9 +249,13 @@ class RewardTrainer(ReliableTrainerMixin, Trainer):
             max_eval_iters=max_eval_iters,
         )
         if output.predictions is not None and len(output.predictions) > 0:
-            for name, value in reward_metrics(output.predictions).items():
+            for name, value in self.eval_metrics(output.predictions).items():
                 output.metrics[f"{metric_key_prefix}_{name}"] = value
         return output
+
+    def eval_metrics(self, predictions: np.ndarray) -> dict[str, float]:
+        """Evaluation metrics of the gathered ``prediction_step`` outputs (:func:`reward_metrics`)."""
+        return reward_metrics(predictions)
 
     def log(self, logs: dict[str, float], **kwargs: Any) -> None:
         """Adds the training accuracy: ``accuracy`` to interval logs (they carry ``loss``) and

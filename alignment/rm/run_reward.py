@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Type
 
 import paddle
 from paddlenlp.trainer import set_seed
@@ -50,6 +50,8 @@ from alignment.utils.stage import (
 )
 
 __all__ = [
+    "ScoreStage",
+    "REWARD_STAGE",
     "ModelArgument",
     "RewardTrainingArguments",
     "NORMALIZER_CHOICES",
@@ -100,8 +102,28 @@ class ModelArgument:
     use_flash_attention: bool = field(default=False, metadata={"help": "Use FlashAttention (GPU builds only)."})
 
 
+@dataclass(frozen=True)
+class ScoreStage:
+    """What distinguishes the score-model stages that share this module: reward model and cost model
+    (:mod:`alignment.rm.run_cost`)."""
+
+    name: str  # in logs and messages
+    score_type: str  # recorded in the saved config; selects the normalize function
+    dataset_class: Type  # a TokenizedDataset of pairs
+    trainer_class: Type  # a RewardTrainer
+    eval_metrics: tuple  # names metric_for_best_model may use
+
+
+REWARD_STAGE = ScoreStage(
+    "reward model", "reward", PreferenceDataset, RewardTrainer, ("accuracy", "rewards_mean", "rewards_std", "loss")
+)
+
+
 def check_arguments(
-    model_args: ModelArgument, data_args: DataArgument, training_args: RewardTrainingArguments
+    model_args: ModelArgument,
+    data_args: DataArgument,
+    training_args: RewardTrainingArguments,
+    stage: ScoreStage = REWARD_STAGE,
 ) -> None:
     """Raise one :class:`ConfigError` listing every problem that can be found before loading anything.
 
@@ -122,7 +144,7 @@ def check_arguments(
     check_architecture(problems, "model_name_or_path", model_args.model_name_or_path)
     check_data_arguments(problems, data_args, training_args, example="PKU-SafeRLHF/train:1:data/safe_rlhf/train.jsonl")
     if training_args.metric_for_best_model is not None and training_args.load_best_model_at_end:
-        known = ("accuracy", "rewards_mean", "rewards_std", "loss")
+        known = stage.eval_metrics
         metric = training_args.metric_for_best_model.removeprefix("eval_")
         problems.check(
             metric in known, "metric_for_best_model", f"{metric!r} is not an evaluation metric; use one of {known}"
@@ -149,33 +171,36 @@ def check_arguments(
 
 
 def build_datasets(
-    data_args: DataArgument, tokenizer: Any, seed: int, need_train: bool, need_eval: bool
+    data_args: DataArgument, tokenizer: Any, seed: int, need_train: bool, need_eval: bool,
+    dataset_class: Type = PreferenceDataset,
 ) -> tuple[Optional[PreferenceDataset], Optional[PreferenceDataset]]:
     """``(train, eval)`` preference datasets; eval from ``eval_datasets`` or split off the train mix.
 
     Pairs whose two sides are identical after tokenization (e.g. both cut to a ``max_length`` no longer
     than the prompt) are skipped and counted in the log; if every pair is skipped that is a DatasetError.
     """
-    dataset_class = functools.partial(PreferenceDataset, chat_template=data_args.chat_template, system_prompt=data_args.system_prompt)
+    dataset_class = functools.partial(dataset_class, chat_template=data_args.chat_template, system_prompt=data_args.system_prompt)
     return build_train_eval_datasets(dataset_class, data_args, tokenizer, seed, need_train, need_eval)
 
 
-def load_model(model_args: ModelArgument, training_args: RewardTrainingArguments, tokenizer: Any) -> Any:
-    """The score model to train (``score_type`` reward, score dim 1), in the training dtype."""
+def load_model(
+    model_args: ModelArgument, training_args: RewardTrainingArguments, tokenizer: Any, score_type: str = "reward"
+) -> Any:
+    """The score model to train (``score_type`` reward or cost, score dim 1), in the training dtype."""
     model = AutoModelForScore.from_pretrained(
         model_args.model_name_or_path,
         dtype=training_dtype(training_args),
         use_flash_attention=model_args.use_flash_attention,
         tensor_parallel_degree=training_args.tensor_parallel_degree,
         tensor_parallel_rank=training_args.tensor_parallel_rank,
-        score_type="reward",
+        score_type=score_type,
         do_normalize=model_args.normalize_score_during_training,
         normalizer_type=model_args.normalizer_type,
         normalizer_momentum=model_args.normalizer_momentum,
     )
     if model.config.score_dim != 1:
         raise ConfigError(
-            [f"model_name_or_path: a reward model has score_dim 1, the checkpoint has {model.config.score_dim}"]
+            [f"model_name_or_path: a {score_type} model has score_dim 1, the checkpoint has {model.config.score_dim}"]
         )
     check_tokenizer_fits(model, tokenizer, "tokenizer_name_or_path")
     return model
@@ -189,11 +214,11 @@ def save_final_model(trainer: RewardTrainer, output_dir: Optional[str] = None) -
     ``var``); the weights carry them too (``normalizer.*`` buffers). Collective: call it on every rank.
     """
     output_dir = save_pretrained_final(trainer, output_dir)
-    logger.info("Saved the reward model and tokenizer to %s", output_dir)
+    logger.info("Saved the %s model and tokenizer to %s", trainer.model.config.score_type, output_dir)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
-    """Train and/or evaluate a reward model with ``argv`` (default ``sys.argv[1:]``).
+def main(argv: Optional[Sequence[str]] = None, stage: ScoreStage = REWARD_STAGE) -> dict[str, float]:
+    """Train and/or evaluate a reward model (or ``stage``'s score model) with ``argv`` (default ``sys.argv[1:]``).
 
     Returns the final metrics: ``train_*`` (incl. ``train_loss``, ``train_accuracy``), ``eval_*``
     (``eval_accuracy``, ``eval_rewards_mean``, ``eval_rewards_std``, ``eval_loss``) and, with
@@ -201,11 +226,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
     """
     setup_cpu_runtime()
     model_args, data_args, training_args = parse_arguments(
-        (ModelArgument, DataArgument, RewardTrainingArguments), argv, checks=[check_arguments]
+        (ModelArgument, DataArgument, RewardTrainingArguments), argv, checks=[functools.partial(check_arguments, stage=stage)]
     )
     resume = resolve_resume(training_args)  # before any weights load
     resolve_model_arguments(model_args)  # Hugging Face checkpoints -> converted copies (never written in place)
-    exit_clearly_on_sigterm("reward model", training_args.output_dir)
+    exit_clearly_on_sigterm(stage.name, training_args.output_dir)
     training_args.print_config(model_args, "Model")
     training_args.print_config(data_args, "Data")
 
@@ -215,13 +240,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
         model_max_length=data_args.max_length,
     )
     train_dataset, eval_dataset = build_datasets(
-        data_args, tokenizer, seed=training_args.seed, need_train=training_args.do_train, need_eval=training_args.do_eval
+        data_args, tokenizer, seed=training_args.seed, need_train=training_args.do_train, need_eval=training_args.do_eval,
+        dataset_class=stage.dataset_class,
     )
     set_seed(training_args.seed)  # the fresh score head: same initial weights for any number of ranks
-    model = load_model(model_args, training_args, tokenizer)
+    model = load_model(model_args, training_args, tokenizer, score_type=stage.score_type)
 
     start_metrics_log(training_args, resume)
-    trainer = RewardTrainer(
+    trainer = stage.trainer_class(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
