@@ -48,6 +48,7 @@ __all__ = [
     "hf_to_paddle_name",
     "paddle_to_hf_name",
     "rope_settings_from_hf",
+    "check_sliding_window",
     "config_from_hf",
     "config_to_hf",
     "import_hf_checkpoint",
@@ -83,7 +84,9 @@ class HFArchitecture:
     Every 2-D ``.weight`` is a Linear weight and is transposed, except names ending in one of
     ``untransposed`` (embeddings). ``supported_rope_types``: transformers ``rope_type`` -> ours.
     ``unsupported_flags``: config flags that must be false (features PaddleNLP's model lacks);
-    ``extra_config_keys``: architecture-specific config keys copied as they are.
+    ``extra_config_keys``: architecture-specific config keys copied as they are;
+    ``exported_config``: transformers config values every export writes (what our model computes,
+    e.g. no sliding window). Sliding windows are checked by :func:`check_sliding_window`.
     """
 
     model_type: str
@@ -98,6 +101,7 @@ class HFArchitecture:
     )
     unsupported_flags: tuple[str, ...] = ("attention_bias", "mlp_bias")
     extra_config_keys: tuple[str, ...] = ()
+    exported_config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 HF_ARCHITECTURES: dict[str, HFArchitecture] = {}
@@ -118,6 +122,70 @@ register_hf_architecture(
         score_model="LlamaModelForScore",
     )
 )
+
+
+#: PaddleNLP's Qwen2 and Mistral compute RoPE without scaling (no ``rope_scaling_type`` in their layers).
+_DEFAULT_ROPE_ONLY = {"default": None}
+
+register_hf_architecture(
+    HFArchitecture(
+        model_type="qwen2",
+        backbone="qwen2",
+        causal_lm="Qwen2ForCausalLM",
+        sequence_classification="Qwen2ForSequenceClassification",
+        score_model="Qwen2ModelForScore",
+        supported_rope_types=_DEFAULT_ROPE_ONLY,
+        # q/k/v always carry biases in both implementations (1-D ``*.bias``: copied, never transposed),
+        # so there is no attention_bias flag to refuse; the MLP has none
+        unsupported_flags=("mlp_bias",),
+        extra_config_keys=("use_sliding_window", "sliding_window", "max_window_layers"),
+        exported_config={"use_sliding_window": False},
+    )
+)
+register_hf_architecture(
+    HFArchitecture(
+        model_type="mistral",
+        backbone="mistral",
+        causal_lm="MistralForCausalLM",
+        sequence_classification="MistralForSequenceClassification",
+        score_model="MistralModelForScore",
+        supported_rope_types=_DEFAULT_ROPE_ONLY,
+        extra_config_keys=("sliding_window",),
+        exported_config={"sliding_window": None},
+    )
+)
+
+
+def check_sliding_window(hf_config: Mapping[str, Any], where: str = "config.json") -> None:
+    """Refuse a transformers config whose sliding window changes the attention of some layer.
+
+    PaddleNLP's Qwen2 and Mistral attend causally over the whole sequence, which equals windowed
+    attention exactly when the window covers every position (``sliding_window >=
+    max_position_embeddings``) or no layer uses it: Mistral's window is off when ``sliding_window``
+    is null; Qwen2's when ``use_sliding_window`` is false or ``max_window_layers >= num_hidden_layers``
+    (transformers windows only layers ``>= max_window_layers``).
+    """
+    window = hf_config.get("sliding_window")
+    if window is None:
+        return
+    model_type = hf_config.get("model_type")
+    if model_type == "qwen2":
+        if not hf_config.get("use_sliding_window", False):
+            return
+        layers = hf_config.get("num_hidden_layers")
+        if layers is not None and hf_config.get("max_window_layers", 28) >= layers:
+            return
+    elif model_type != "mistral":
+        return
+    positions = hf_config.get("max_position_embeddings")
+    if positions is not None and int(window) < int(positions):
+        raise HFCheckpointError(
+            f"{where}: sliding_window {window} < max_position_embeddings {positions}; PaddleNLP's "
+            f"{model_type} attends over the whole sequence, so longer inputs would differ from transformers. "
+            f"Set max_position_embeddings to at most {window}"
+            + (" or use_sliding_window=false" if model_type == "qwen2" else " or sliding_window=null")
+            + " if you train on shorter sequences"
+        )
 
 
 def _architecture(model_type: Any, where: str) -> HFArchitecture:
@@ -357,6 +425,7 @@ def config_from_hf(hf_config: Mapping[str, Any], where: str = "config.json") -> 
             raise HFCheckpointError(f"{where}: {flag}=true is not supported by PaddleNLP's {architecture.causal_lm}")
     if hf_config.get("hidden_act", "silu") != "silu":
         raise HFCheckpointError(f"{where}: hidden_act {hf_config['hidden_act']!r}; only 'silu' is supported")
+    check_sliding_window(hf_config, where)
     config.update(rope_settings_from_hf(hf_config, architecture, where))
     config["model_type"] = architecture.model_type
     config["tie_word_embeddings"] = False
@@ -384,6 +453,7 @@ def config_to_hf(config: Mapping[str, Any], has_bias: bool = False) -> dict[str,
     hf: dict[str, Any] = {key: config[key] for key in _COPIED_CONFIG_KEYS + architecture.extra_config_keys if key in config}
     hf.update(model_type=architecture.model_type, hidden_act="silu")
     hf.update({flag: False for flag in architecture.unsupported_flags})
+    hf.update(architecture.exported_config)
     hf["rope_theta"] = float(config.get("rope_theta", 10000.0))
     scaling_type = config.get("rope_scaling_type")
     if scaling_type:
