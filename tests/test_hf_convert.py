@@ -23,6 +23,7 @@ from alignment.models.hf_convert import (
     hf_to_paddle_name,
     import_hf_checkpoint,
     is_hf_checkpoint,
+    lm_head_is_transposed,
     paddle_to_hf_name,
     resolve_model_arguments,
     resolve_pretrained_dir,
@@ -187,6 +188,16 @@ def test_sliding_window_rule(config, refused):
             check_sliding_window(config, "where.json")
     else:
         check_sliding_window(config, "where.json")
+
+
+@pytest.mark.parametrize(
+    "shape, tied, transposed",
+    [((64, 1000), False, True), ((1000, 64), True, False), ((1000, 64), False, False), ((64, 64), True, False), ((64, 64), False, True)],
+)
+def test_lm_head_layout_rule(shape, tied, transposed):
+    """PaddleNLP's untied head is [hidden, vocab], a tied one is the [vocab, hidden] embedding matrix."""
+    vocab = shape[0] if shape[0] != 64 else shape[1]
+    assert lm_head_is_transposed(shape, {"vocab_size": vocab, "hidden_size": 64, "tie_word_embeddings": tied}) is transposed
 
 
 def test_rope_theta_and_tied_head_are_not_lost(hf_models):

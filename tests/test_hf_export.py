@@ -119,6 +119,91 @@ def test_score_model_export_is_sequence_classification_plus_bias_and_imports_bac
     np.testing.assert_allclose(again, expected, atol=2e-5, rtol=0)
 
 
+@pytest.fixture(scope="module")
+def tiny_other_models(tiny_assets, tmp_path_factory):
+    """Our tiny Qwen2 (GQA, q/k/v biases, tied embeddings) and Mistral (GQA), saved by PaddleNLP."""
+    import paddle
+
+    from alignment.utils.tiny_assets import build_model
+
+    root = tmp_path_factory.mktemp("tiny_other_models")
+    models = {}
+    for seed, model_type in enumerate(("qwen2", "mistral")):
+        directory = build_model(str(root / model_type), tiny_assets["tokenizer"], seed=20 + seed, architecture=model_type,
+                                max_position_embeddings=128)  # fmt: skip
+        if model_type == "qwen2":  # PaddleNLP initialises the biases to zero: make them matter
+            from paddlenlp.transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(directory)
+            with paddle.no_grad():
+                for name, parameter in model.named_parameters():
+                    if name.endswith(".bias"):
+                        parameter.set_value(paddle.randn(parameter.shape) * 0.5)
+            model.save_pretrained(directory, safe_serialization=True)
+        models[model_type] = directory
+    return models
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "mistral"])
+def test_qwen2_and_mistral_export_loads_in_transformers_with_equal_logits_and_generations(model_type, tiny_other_models, tmp_path):
+    from paddlenlp.transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM as HFCausalLM
+
+    source = tiny_other_models[model_type]
+    out = export_hf_checkpoint(source, str(tmp_path / "hf"))
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["model_type"] == model_type and config["num_key_value_heads"] == 2
+    if model_type == "qwen2":
+        assert config["architectures"] == ["Qwen2ForCausalLM"] and config["use_sliding_window"] is False
+        assert config["tie_word_embeddings"] is True  # the tied head stays tied
+    else:
+        assert config["architectures"] == ["MistralForCausalLM"] and config["sliding_window"] is None
+    theirs = HFCausalLM.from_pretrained(out).eval()
+    assert type(theirs).__name__ == config["architectures"][0]
+    ours = AutoModelForCausalLM.from_pretrained(source)
+    np.testing.assert_allclose(torch_logits(theirs, IDS), paddle_logits(ours, IDS), atol=2e-5, rtol=0)
+    expected = _until_eos(_greedy_ours(source, IDS, 12, backend="fast"))
+    assert _until_eos(_greedy_transformers(theirs, IDS, 12)) == expected
+    # and back in: the exported directory converts to a checkpoint with the same logits
+    back = AutoModelForCausalLM.from_pretrained(resolve_pretrained_dir(out))
+    np.testing.assert_allclose(paddle_logits(back, IDS), paddle_logits(ours, IDS), atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "mistral"])
+def test_qwen2_and_mistral_score_export_is_sequence_classification(model_type, tiny_other_models, tmp_path):
+    import paddle
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from alignment.models import AutoModelForScore
+
+    source = str(tmp_path / "score")
+    model = AutoModelForScore.from_pretrained(tiny_other_models[model_type], score_type="reward")
+    with paddle.no_grad():
+        model.score_head.bias.set_value(paddle.to_tensor([0.75]))
+    model.save_pretrained(source, safe_serialization=True)
+    for name in ("sentencepiece.bpe.model", "tokenizer_config.json", "special_tokens_map.json"):
+        if os.path.isfile(os.path.join(tiny_other_models[model_type], name)):
+            shutil.copy(os.path.join(tiny_other_models[model_type], name), source)
+    model.eval()
+    with paddle.no_grad():
+        expected = model(paddle.to_tensor(IDS), return_dict=True).end_scores.numpy()
+    out = export_hf_checkpoint(source, str(tmp_path / "hf_score"))
+    config = json.load(open(os.path.join(out, "config.json")))
+    prefix = {"qwen2": "Qwen2", "mistral": "Mistral"}[model_type]
+    assert config["architectures"] == [f"{prefix}ForSequenceClassification"] and config["score_head_bias"] == [0.75]
+    theirs = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert type(theirs).__name__ == f"{prefix}ForSequenceClassification"
+    with torch.no_grad():
+        logits = theirs(torch.tensor(IDS)).logits.numpy()
+    np.testing.assert_allclose(logits + 0.75, expected, atol=2e-5, rtol=0)
+    back = AutoModelForScore.from_pretrained(resolve_pretrained_dir(out))
+    back.eval()
+    assert type(back).__name__ == f"{prefix}ModelForScore"
+    with paddle.no_grad():
+        np.testing.assert_allclose(back(paddle.to_tensor(IDS), return_dict=True).end_scores.numpy(), expected, atol=2e-5, rtol=0)
+
+
 def test_export_script_is_thin_and_refuses_bad_input(tiny_assets, tmp_path, python):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
     out = str(tmp_path / "exported")

@@ -48,6 +48,7 @@ __all__ = [
     "hf_to_paddle_name",
     "paddle_to_hf_name",
     "rope_settings_from_hf",
+    "lm_head_is_transposed",
     "check_sliding_window",
     "config_from_hf",
     "config_to_hf",
@@ -368,6 +369,21 @@ def paddle_to_hf_name(name: str, ndim: int, architecture: HFArchitecture) -> tup
     elif name.startswith("score_head."):
         name = "score." + name[len("score_head.") :]
     return name, transpose
+
+
+def lm_head_is_transposed(shape: tuple[int, ...], config: Mapping[str, Any]) -> bool:
+    """Whether our ``lm_head.weight`` of ``shape`` is ``[hidden, vocab]`` (and so transposed for transformers).
+
+    PaddleNLP's untied head is ``[hidden, vocab]``; a tied head (Qwen2, Llama on PaddleNLP 3) *is* the
+    ``[vocab, hidden]`` embedding matrix, used with ``transpose_y``. The shape decides; a square head
+    (vocab = hidden) is read as tied exactly when ``config.tie_word_embeddings``.
+    """
+    vocab, hidden = config.get("vocab_size"), config.get("hidden_size")
+    if vocab != hidden and tuple(shape) == (vocab, hidden):
+        return False
+    if vocab != hidden and tuple(shape) == (hidden, vocab):
+        return True
+    return not config.get("tie_word_embeddings", False)
 
 
 def rope_settings_from_hf(hf_config: Mapping[str, Any], architecture: HFArchitecture, where: str) -> dict[str, Any]:
@@ -772,13 +788,15 @@ def export_hf_checkpoint(source: str, dest: str) -> str:
             bias = np.asarray(array, dtype=np.float32)
             continue
         hf_name, transpose = paddle_to_hf_name(name, array.ndim, architecture)
+        if name == "lm_head.weight":
+            transpose = lm_head_is_transposed(array.shape, config)
         tensors.append((hf_name, _TO_HF_DTYPE.get(dtype, dtype), array.T if transpose else array))
-        by_name[hf_name] = array
+        by_name[hf_name] = array.T if transpose else array
     hf_config = config_to_hf(config)
     embed_name = f"{architecture.hf_backbone}.embed_tokens.weight"
     if "lm_head.weight" in by_name and embed_name in by_name:
-        tied = by_name["lm_head.weight"].shape[::-1] == by_name[embed_name].shape and np.array_equal(
-            by_name["lm_head.weight"].T, by_name[embed_name]
+        tied = by_name["lm_head.weight"].shape == by_name[embed_name].shape and np.array_equal(
+            by_name["lm_head.weight"], by_name[embed_name]
         )
         hf_config["tie_word_embeddings"] = bool(tied and config.get("tie_word_embeddings"))
         if hf_config["tie_word_embeddings"]:
