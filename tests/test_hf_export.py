@@ -119,43 +119,48 @@ def test_score_model_export_is_sequence_classification_plus_bias_and_imports_bac
     np.testing.assert_allclose(again, expected, atol=2e-5, rtol=0)
 
 
+#: ``(name, model_type, overrides)``: a random tied model greedily repeats its last input token (the
+#: residual stream stays close to that token's embedding), so the untied Qwen2 exercises generation.
+OTHER_MODELS = [("qwen2", "qwen2", {}), ("qwen2_untied", "qwen2", dict(tie_word_embeddings=False)), ("mistral", "mistral", {})]
+
+
 @pytest.fixture(scope="module")
 def tiny_other_models(tiny_assets, tmp_path_factory):
-    """Our tiny Qwen2 (GQA, q/k/v biases, tied embeddings) and Mistral (GQA), saved by PaddleNLP."""
+    """``{name: directory}`` of :data:`OTHER_MODELS`: tiny Qwen2s (GQA, random q/k/v biases) and a Mistral (GQA), saved by PaddleNLP."""
     import paddle
 
     from alignment.utils.tiny_assets import build_model
 
     root = tmp_path_factory.mktemp("tiny_other_models")
     models = {}
-    for seed, model_type in enumerate(("qwen2", "mistral")):
-        directory = build_model(str(root / model_type), tiny_assets["tokenizer"], seed=20 + seed, architecture=model_type,
-                                max_position_embeddings=128)  # fmt: skip
+    for seed, (name, model_type, options) in enumerate(OTHER_MODELS):
+        directory = build_model(str(root / name), tiny_assets["tokenizer"], seed=20 + seed, architecture=model_type,
+                                max_position_embeddings=128, **options)  # fmt: skip
         if model_type == "qwen2":  # PaddleNLP initialises the biases to zero: make them matter
             from paddlenlp.transformers import AutoModelForCausalLM
 
             model = AutoModelForCausalLM.from_pretrained(directory)
             with paddle.no_grad():
-                for name, parameter in model.named_parameters():
-                    if name.endswith(".bias"):
-                        parameter.set_value(paddle.randn(parameter.shape) * 0.5)
+                for parameter_name, parameter in model.named_parameters():
+                    if parameter_name.endswith(".bias"):
+                        parameter.set_value(paddle.randn(parameter.shape) * 0.1)
             model.save_pretrained(directory, safe_serialization=True)
-        models[model_type] = directory
+        models[name] = directory
     return models
 
 
-@pytest.mark.parametrize("model_type", ["qwen2", "mistral"])
-def test_qwen2_and_mistral_export_loads_in_transformers_with_equal_logits_and_generations(model_type, tiny_other_models, tmp_path):
+@pytest.mark.parametrize("name, model_type, tied", [(n, t, o.get("tie_word_embeddings", t == "qwen2")) for n, t, o in OTHER_MODELS])
+def test_qwen2_and_mistral_export_loads_in_transformers_with_equal_logits_and_generations(name, model_type, tied, tiny_other_models, tmp_path):
     from paddlenlp.transformers import AutoModelForCausalLM
     from transformers import AutoModelForCausalLM as HFCausalLM
 
-    source = tiny_other_models[model_type]
+    source = tiny_other_models[name]
     out = export_hf_checkpoint(source, str(tmp_path / "hf"))
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["model_type"] == model_type and config["num_key_value_heads"] == 2
     if model_type == "qwen2":
         assert config["architectures"] == ["Qwen2ForCausalLM"] and config["use_sliding_window"] is False
-        assert config["tie_word_embeddings"] is True  # the tied head stays tied
+        assert config["tie_word_embeddings"] is tied  # a tied head stays tied, an untied one untied
     else:
         assert config["architectures"] == ["MistralForCausalLM"] and config["sliding_window"] is None
     theirs = HFCausalLM.from_pretrained(out).eval()
@@ -164,6 +169,7 @@ def test_qwen2_and_mistral_export_loads_in_transformers_with_equal_logits_and_ge
     np.testing.assert_allclose(torch_logits(theirs, IDS), paddle_logits(ours, IDS), atol=2e-5, rtol=0)
     expected = _until_eos(_greedy_ours(source, IDS, 12, backend="fast"))
     assert _until_eos(_greedy_transformers(theirs, IDS, 12)) == expected
+    assert tied or len(set(expected)) > 3  # a real continuation, not one repeated token
     # and back in: the exported directory converts to a checkpoint with the same logits
     back = AutoModelForCausalLM.from_pretrained(resolve_pretrained_dir(out))
     np.testing.assert_allclose(paddle_logits(back, IDS), paddle_logits(ours, IDS), atol=2e-5, rtol=0)
