@@ -8,12 +8,13 @@ loads that directory as a PaddleNLP checkpoint. The user's directory is never wr
 ``$PADDLE_RLHF_HF_CACHE`` (default ``~/.cache/paddle-rlhf/hf``).
 
 **Out.** :func:`export_hf_checkpoint` writes one of our ``save_pretrained`` directories (policy, reward,
-cost or critic) as a transformers-loadable directory: ``LlamaForCausalLM`` for a causal LM,
-``LlamaForSequenceClassification`` (``num_labels = score_dim``) for a score model, whose score-head bias,
+cost or critic) as a transformers-loadable directory: ``<Arch>ForCausalLM`` (``Llama``, ``Qwen2``,
+``Mistral``) for a causal LM, ``<Arch>ForSequenceClassification`` (``num_labels = score_dim``) for a
+score model, whose score-head bias,
 if any, is kept in ``config.score_head_bias`` (transformers' classification head has none: add it to the
 logits), tokenizer files including ``tokenizer.model``, and ``generation_config.json``.
 
-Architectures plug in through :data:`HF_ARCHITECTURES` (one :class:`HFArchitecture` per ``model_type``:
+Architectures (Llama, Qwen2, Mistral) plug in through :data:`HF_ARCHITECTURES` (one :class:`HFArchitecture` per ``model_type``:
 backbone prefixes, the 2-D weights that keep their layout, class names). The weight rules are pure
 functions (:func:`hf_to_paddle_name`, :func:`paddle_to_hf_name`), as are the config rules
 (:func:`config_from_hf`, :func:`config_to_hf`).
