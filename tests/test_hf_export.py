@@ -210,6 +210,54 @@ def test_qwen2_and_mistral_score_export_is_sequence_classification(model_type, t
         np.testing.assert_allclose(back(paddle.to_tensor(IDS), return_dict=True).end_scores.numpy(), expected, atol=2e-5, rtol=0)
 
 
+IM_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+
+
+def _save_byte_level_bpe_tokenizer(directory: str) -> None:
+    """A tiny Qwen2-style tokenizer (byte-level BPE, ``<|im_start|>``/``<|im_end|>``, a chat template),
+    saved by PaddleNLP 3 as a Qwen2 checkpoint ships it (``vocab.json``, ``merges.txt`` ...)."""
+    from paddlenlp.transformers import AutoTokenizer
+    from transformers import Qwen2Tokenizer
+    from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
+
+    hub = directory + "_hub"
+    os.makedirs(hub)
+    vocab = {character: i for i, character in enumerate(bytes_to_unicode().values())}
+    merges = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "e r", "o n"]
+    for merge in merges:
+        vocab["".join(merge.split())] = len(vocab)
+    json.dump(vocab, open(os.path.join(hub, "vocab.json"), "w"))
+    with open(os.path.join(hub, "merges.txt"), "w") as file:
+        file.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tokenizer = Qwen2Tokenizer(os.path.join(hub, "vocab.json"), os.path.join(hub, "merges.txt"), eos_token="<|endoftext|>",
+                               pad_token="<|endoftext|>", unk_token=None, bos_token=None)  # fmt: skip
+    tokenizer.chat_template = IM_TEMPLATE
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.save_pretrained(hub)
+    AutoTokenizer.from_pretrained(hub).save_pretrained(directory)
+
+
+def test_qwen2_byte_level_bpe_tokenizer_exports_and_imports_back(tiny_other_models, tmp_path):
+    from paddlenlp.transformers import AutoTokenizer
+    from transformers import AutoTokenizer as HFTokenizer
+
+    source = str(tmp_path / "qwen2_bpe")
+    shutil.copytree(tiny_other_models["qwen2"], source)
+    for name in os.listdir(source):
+        if name.startswith(("sentencepiece", "tokenizer", "special_tokens", "added_tokens")):
+            os.remove(os.path.join(source, name))
+    _save_byte_level_bpe_tokenizer(source)
+    out = export_hf_checkpoint(source, str(tmp_path / "hf"))
+    hf_config = json.load(open(os.path.join(out, "tokenizer_config.json")))
+    assert hf_config["tokenizer_class"] == "Qwen2Tokenizer" and "added_tokens_file" not in hf_config
+    ours, theirs = AutoTokenizer.from_pretrained(source), HFTokenizer.from_pretrained(out, use_fast=False)
+    text = "<|im_start|>user\nthe answer in 12 é<|im_end|>\n"
+    assert theirs(text)["input_ids"] == ours(text)["input_ids"] and 265 in theirs(text)["input_ids"]
+    assert theirs.chat_template == IM_TEMPLATE and theirs.eos_token == "<|endoftext|>"
+    back = AutoTokenizer.from_pretrained(resolve_pretrained_dir(out))  # and in again
+    assert back(text)["input_ids"] == ours(text)["input_ids"]
+
+
 def test_export_script_is_thin_and_refuses_bad_input(tiny_assets, tmp_path, python):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
     out = str(tmp_path / "exported")

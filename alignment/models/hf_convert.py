@@ -569,6 +569,22 @@ def _import_tokenizer(source: str, dest: str, hf_config: Mapping[str, Any]) -> N
         json.dump({key: ours[key] for key in SPECIAL_TOKENS if key in ours}, file, indent=2, ensure_ascii=False)
 
 
+#: A byte-level BPE tokenizer's files (Qwen2's ``Qwen2Tokenizer``), the same in PaddleNLP 3 and transformers.
+BPE_FILES = ("vocab.json", "merges.txt")
+#: Keys PaddleNLP's ``save_pretrained`` writes into ``tokenizer_config.json`` that are paths or load-time state.
+_LOCAL_TOKENIZER_KEYS = ("name_or_path", "_from_auto", "added_tokens_file", "special_tokens_map_file", "tokenizer_file")
+
+
+def _export_bpe_tokenizer(source: str, dest: str, ours: Mapping[str, Any]) -> None:
+    """Byte-level BPE files copied as they are; ``tokenizer_config.json`` without PaddleNLP's local paths."""
+    for name in BPE_FILES + ("added_tokens.json", "special_tokens_map.json"):
+        if os.path.isfile(os.path.join(source, name)):
+            shutil.copy(os.path.join(source, name), os.path.join(dest, name))
+    hf = {key: value for key, value in ours.items() if key not in _LOCAL_TOKENIZER_KEYS}
+    with open(os.path.join(dest, "tokenizer_config.json"), "w", encoding="utf-8") as file:
+        json.dump(hf, file, indent=2, ensure_ascii=False)
+
+
 def _export_tokenizer(source: str, dest: str, config: Mapping[str, Any]) -> None:
     """transformers tokenizer files from ours: ``tokenizer.model``, ``tokenizer_config.json``
     (``LlamaTokenizer``, legacy SentencePiece behaviour as PaddleNLP's), ``special_tokens_map.json``."""
@@ -582,8 +598,13 @@ def _export_tokenizer(source: str, dest: str, config: Mapping[str, Any]) -> None
         if os.path.isfile(os.path.join(source, name)):
             shutil.copy(os.path.join(source, name), os.path.join(dest, name))
     if sentencepiece is None:
-        if not os.path.isfile(os.path.join(source, "tokenizer.json")):
-            raise HFCheckpointError(f"{source}: no {PADDLE_SENTENCEPIECE}, {HF_SENTENCEPIECE} or tokenizer.json to export")
+        byte_level_bpe = all(os.path.isfile(os.path.join(source, name)) for name in BPE_FILES)
+        if byte_level_bpe:
+            _export_bpe_tokenizer(source, dest, ours)
+        elif not os.path.isfile(os.path.join(source, "tokenizer.json")):
+            raise HFCheckpointError(
+                f"{source}: no {PADDLE_SENTENCEPIECE}, {HF_SENTENCEPIECE}, {' + '.join(BPE_FILES)} or tokenizer.json to export"
+            )
         return
     shutil.copy(sentencepiece, os.path.join(dest, HF_SENTENCEPIECE))
     hf: dict[str, Any] = {"tokenizer_class": "LlamaTokenizer", "legacy": True, "clean_up_tokenization_spaces": False}
