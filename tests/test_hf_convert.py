@@ -159,7 +159,7 @@ def test_qwen2_and_mistral_logits_equal_transformers(model_type, hf_other_models
     "model_type, changes, message",
     [
         ("mistral", dict(sliding_window=32), "sliding_window 32 < max_position_embeddings 128"),
-        ("qwen2", dict(use_sliding_window=True, sliding_window=32, max_window_layers=1), "sliding_window 32 <"),
+        ("qwen2", dict(use_sliding_window=True, sliding_window=32, max_window_layers=2), "sliding_window 32 <"),
         ("qwen2", dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope type 'linear' is not supported for qwen2"),
         ("mistral", dict(mlp_bias=True), "mlp_bias=true is not supported"),
     ],
@@ -178,10 +178,10 @@ def test_qwen2_and_mistral_unsupported_configs_are_refused(hf_other_models, tmp_
         (dict(model_type="mistral", sliding_window=None, max_position_embeddings=32768), False),  # v0.2+
         (dict(model_type="mistral", sliding_window=4096, max_position_embeddings=4096), False),
         (dict(model_type="qwen2", use_sliding_window=False, sliding_window=4096, max_position_embeddings=32768), False),
+        # transformers' sdpa/eager attention windows every layer whatever max_window_layers says
         (dict(model_type="qwen2", use_sliding_window=True, sliding_window=4096, max_position_embeddings=32768,
-              max_window_layers=28, num_hidden_layers=28), False),  # no layer is windowed
-        (dict(model_type="qwen2", use_sliding_window=True, sliding_window=4096, max_position_embeddings=32768,
-              max_window_layers=21, num_hidden_layers=28), True),
+              max_window_layers=28, num_hidden_layers=28), True),
+        (dict(model_type="qwen2", use_sliding_window=True, sliding_window=32768, max_position_embeddings=32768), False),
         (dict(model_type="llama", sliding_window=8, max_position_embeddings=32), False),
     ],
 )  # fmt: skip

@@ -163,9 +163,10 @@ def check_sliding_window(hf_config: Mapping[str, Any], where: str = "config.json
 
     PaddleNLP's Qwen2 and Mistral attend causally over the whole sequence, which equals windowed
     attention exactly when the window covers every position (``sliding_window >=
-    max_position_embeddings``) or no layer uses it: Mistral's window is off when ``sliding_window``
-    is null; Qwen2's when ``use_sliding_window`` is false or ``max_window_layers >= num_hidden_layers``
-    (transformers windows only layers ``>= max_window_layers``).
+    max_position_embeddings``) or is off: Mistral's when ``sliding_window`` is null, Qwen2's when
+    ``use_sliding_window`` is false (transformers then drops ``sliding_window``). ``max_window_layers``
+    does not make a Qwen2 window safe: transformers 4.x windows every layer under its eager/sdpa
+    attention and only layers ``>= max_window_layers`` under flash-attention.
     """
     window = hf_config.get("sliding_window")
     if window is None:
@@ -173,9 +174,6 @@ def check_sliding_window(hf_config: Mapping[str, Any], where: str = "config.json
     model_type = hf_config.get("model_type")
     if model_type == "qwen2":
         if not hf_config.get("use_sliding_window", False):
-            return
-        layers = hf_config.get("num_hidden_layers")
-        if layers is not None and hf_config.get("max_window_layers", 28) >= layers:
             return
     elif model_type != "mistral":
         return
