@@ -8,20 +8,23 @@ import shutil
 
 import numpy as np
 import pytest
-from hf_helpers import build_hf_llama, directory_state, paddle_logits, torch_logits
+from hf_helpers import SHAPE, build_hf_llama, directory_state, paddle_logits, save_hf_tokenizer, torch_logits
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from alignment.models.architectures import available_architectures
 from alignment.models.hf_convert import (
     CACHE_ENV,
     HF_ARCHITECTURES,
     HFCheckpointError,
     _iter_tensors,
     _write_safetensors,
+    check_sliding_window,
     config_from_hf,
     hf_to_paddle_name,
     import_hf_checkpoint,
     is_hf_checkpoint,
+    lm_head_is_transposed,
     paddle_to_hf_name,
     resolve_model_arguments,
     resolve_pretrained_dir,
@@ -85,6 +88,119 @@ def test_logits_equal_transformers_and_the_source_is_untouched(variant, hf_model
     theirs = torch_logits(torch_model, IDS)
     np.testing.assert_allclose(ours, theirs, atol=2e-5, rtol=0)
     assert directory_state(directory) == before  # nothing written into the user's directory
+
+
+# ---------------------------------------------------------------------------------------------------
+# Qwen2 (GQA, q/k/v biases, tied head) and Mistral (GQA, sliding window field)
+# ---------------------------------------------------------------------------------------------------
+
+OTHER_ARCHITECTURES = {
+    "qwen2": dict(tie_word_embeddings=True, rope_theta=1e6, use_sliding_window=False, sliding_window=64, max_window_layers=1),
+    "mistral": dict(rope_theta=500.0, sliding_window=None),
+}
+#: Loading needs the PaddleNLP model (3.x; 2.8.1 has neither): parametrised over what is installed, not skipped.
+LOADABLE = [model_type for model_type in OTHER_ARCHITECTURES if model_type in available_architectures()]
+
+
+def build_hf_model(directory: str, sentencepiece_dir: str, model_type: str, seed: int = 0, **overrides):
+    """A random transformers ``Qwen2ForCausalLM`` / ``MistralForCausalLM`` (GQA) in the hub layout.
+
+    Qwen2's q/k/v biases start at zero in transformers: they are randomised so a dropped bias shows."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    defaults = dict(vocab_size=1000, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-6)
+    config = AutoConfig.for_model(model_type, **{**defaults, **SHAPE, **OTHER_ARCHITECTURES[model_type], **overrides})
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(".bias"):
+                parameter.normal_(0.0, 0.5)
+    model.save_pretrained(directory, safe_serialization=True)
+    save_hf_tokenizer(directory, sentencepiece_dir)
+    return model
+
+
+@pytest.fixture(scope="module")
+def hf_other_models(tiny_assets, tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf_other_models")
+    return {
+        model_type: (str(root / model_type), build_hf_model(str(root / model_type), tiny_assets["tokenizer"], model_type, seed=10 + i))
+        for i, model_type in enumerate(OTHER_ARCHITECTURES)
+    }
+
+
+@pytest.mark.parametrize("model_type", LOADABLE)
+def test_qwen2_and_mistral_logits_equal_transformers(model_type, hf_other_models):
+    from paddlenlp.transformers import AutoModelForCausalLM
+
+    directory, torch_model = hf_other_models[model_type]
+    names = {name for name, _, _ in _iter_tensors(directory)}
+    if model_type == "qwen2":
+        assert "model.layers.1.self_attn.k_proj.bias" in names and "lm_head.weight" not in names  # biases, tied head
+    before = directory_state(directory)
+    converted = resolve_pretrained_dir(directory)
+    config = json.load(open(os.path.join(converted, "config.json")))
+    assert config["model_type"] == model_type and config["num_key_value_heads"] == 2
+    tensors = {name: np.asarray(array) for name, _, array in _iter_tensors(converted)}
+    if model_type == "qwen2":
+        np.testing.assert_array_equal(
+            tensors["qwen2.layers.1.self_attn.k_proj.bias"], torch_model.model.layers[1].self_attn.k_proj.bias.detach().numpy()
+        )
+        np.testing.assert_array_equal(tensors["lm_head.weight"], tensors["qwen2.embed_tokens.weight"].T)
+    model = AutoModelForCausalLM.from_pretrained(converted)
+    assert type(model).__name__ == f"{HF_ARCHITECTURES[model_type].causal_lm}"
+    np.testing.assert_allclose(paddle_logits(model, IDS), torch_logits(torch_model, IDS), atol=2e-5, rtol=0)
+    assert directory_state(directory) == before
+
+
+@pytest.mark.parametrize(
+    "model_type, changes, message",
+    [
+        ("mistral", dict(sliding_window=32), "sliding_window 32 < max_position_embeddings 128"),
+        ("qwen2", dict(use_sliding_window=True, sliding_window=32, max_window_layers=2), "sliding_window 32 <"),
+        ("qwen2", dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope type 'linear' is not supported for qwen2"),
+        ("mistral", dict(mlp_bias=True), "mlp_bias=true is not supported"),
+    ],
+)
+def test_qwen2_and_mistral_unsupported_configs_are_refused(hf_other_models, tmp_path, model_type, changes, message):
+    source = _copy_with_config(hf_other_models[model_type][0], str(tmp_path / "bad"), **changes)
+    with pytest.raises(HFCheckpointError, match="config.json") as error:
+        resolve_pretrained_dir(source)
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "config, refused",
+    [
+        (dict(model_type="mistral", sliding_window=4096, max_position_embeddings=32768), True),  # Mistral-7B-v0.1
+        (dict(model_type="mistral", sliding_window=None, max_position_embeddings=32768), False),  # v0.2+
+        (dict(model_type="mistral", sliding_window=4096, max_position_embeddings=4096), False),
+        (dict(model_type="qwen2", use_sliding_window=False, sliding_window=4096, max_position_embeddings=32768), False),
+        # transformers' sdpa/eager attention windows every layer whatever max_window_layers says
+        (dict(model_type="qwen2", use_sliding_window=True, sliding_window=4096, max_position_embeddings=32768,
+              max_window_layers=28, num_hidden_layers=28), True),
+        (dict(model_type="qwen2", use_sliding_window=True, sliding_window=32768, max_position_embeddings=32768), False),
+        (dict(model_type="llama", sliding_window=8, max_position_embeddings=32), False),
+    ],
+)  # fmt: skip
+def test_sliding_window_rule(config, refused):
+    if refused:
+        with pytest.raises(HFCheckpointError, match="where.json: sliding_window"):
+            check_sliding_window(config, "where.json")
+    else:
+        check_sliding_window(config, "where.json")
+
+
+@pytest.mark.parametrize(
+    "shape, tied, transposed",
+    [((64, 1000), False, True), ((1000, 64), True, False), ((1000, 64), False, False), ((64, 64), True, False), ((64, 64), False, True)],
+)
+def test_lm_head_layout_rule(shape, tied, transposed):
+    """PaddleNLP's untied head is [hidden, vocab], a tied one is the [vocab, hidden] embedding matrix."""
+    vocab = shape[0] if shape[0] != 64 else shape[1]
+    assert lm_head_is_transposed(shape, {"vocab_size": vocab, "hidden_size": 64, "tie_word_embeddings": tied}) is transposed
 
 
 def test_rope_theta_and_tied_head_are_not_lost(hf_models):
@@ -187,7 +303,7 @@ def _copy_with_config(source: str, target: str, **changes) -> str:
         (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}), "rope type 'yarn'"),
         (dict(attention_bias=True), "attention_bias=true is not supported"),
         (dict(head_dim=32), "head_dim 32"),
-        (dict(model_type="gpt2"), "model_type 'gpt2' has no Hugging Face conversion; supported: ['llama']"),
+        (dict(model_type="gpt2"), "model_type 'gpt2' has no Hugging Face conversion; supported: ['llama', 'mistral', 'qwen2']"),
     ],
 )
 def test_unsupported_configs_are_refused_clearly(hf_models, tmp_path, changes, message):

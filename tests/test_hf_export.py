@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from hf_helpers import ZEPHYR_TEMPLATE, build_hf_llama, directory_state, paddle_logits, torch_logits
 
+from alignment.models.architectures import available_architectures
 from alignment.models.hf_convert import CACHE_ENV, HFCheckpointError, export_hf_checkpoint, resolve_pretrained_dir
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,6 +118,154 @@ def test_score_model_export_is_sequence_classification_plus_bias_and_imports_bac
     with paddle.no_grad():
         again = back(paddle.to_tensor(IDS), return_dict=True).end_scores.numpy()
     np.testing.assert_allclose(again, expected, atol=2e-5, rtol=0)
+
+
+#: ``(name, model_type, overrides)``: a random tied model greedily repeats its last input token (the
+#: residual stream stays close to that token's embedding), so the untied Qwen2 exercises generation.
+#: Only the families the installed PaddleNLP provides (2.8.1 has neither; parametrised, not skipped).
+OTHER_MODELS = [
+    (name, model_type, options)
+    for name, model_type, options in [
+        ("qwen2", "qwen2", {}), ("qwen2_untied", "qwen2", dict(tie_word_embeddings=False)), ("mistral", "mistral", {})
+    ]
+    if model_type in available_architectures()
+]  # fmt: skip
+OTHER_FAMILIES = sorted({model_type for _, model_type, _ in OTHER_MODELS})
+
+
+@pytest.fixture(scope="module")
+def tiny_other_models(tiny_assets, tmp_path_factory):
+    """``{name: directory}`` of :data:`OTHER_MODELS`: tiny Qwen2s (GQA, random q/k/v biases) and a Mistral (GQA), saved by PaddleNLP."""
+    import paddle
+
+    from alignment.utils.tiny_assets import build_model
+
+    root = tmp_path_factory.mktemp("tiny_other_models")
+    models = {}
+    for seed, (name, model_type, options) in enumerate(OTHER_MODELS):
+        directory = build_model(str(root / name), tiny_assets["tokenizer"], seed=20 + seed, architecture=model_type,
+                                max_position_embeddings=128, **options)  # fmt: skip
+        if model_type == "qwen2":  # PaddleNLP initialises the biases to zero: make them matter
+            from paddlenlp.transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(directory)
+            with paddle.no_grad():
+                for parameter_name, parameter in model.named_parameters():
+                    if parameter_name.endswith(".bias"):
+                        parameter.set_value(paddle.randn(parameter.shape) * 0.1)
+            model.save_pretrained(directory, safe_serialization=True)
+        models[name] = directory
+    return models
+
+
+@pytest.mark.parametrize("name, model_type, tied", [(n, t, o.get("tie_word_embeddings", t == "qwen2")) for n, t, o in OTHER_MODELS])
+def test_qwen2_and_mistral_export_loads_in_transformers_with_equal_logits_and_generations(name, model_type, tied, tiny_other_models, tmp_path):
+    from paddlenlp.transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM as HFCausalLM
+
+    source = tiny_other_models[name]
+    out = export_hf_checkpoint(source, str(tmp_path / "hf"))
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["model_type"] == model_type and config["num_key_value_heads"] == 2
+    if model_type == "qwen2":
+        assert config["architectures"] == ["Qwen2ForCausalLM"] and config["use_sliding_window"] is False
+        assert config["tie_word_embeddings"] is tied  # a tied head stays tied, an untied one untied
+    else:
+        assert config["architectures"] == ["MistralForCausalLM"] and config["sliding_window"] is None
+    theirs = HFCausalLM.from_pretrained(out).eval()
+    assert type(theirs).__name__ == config["architectures"][0]
+    ours = AutoModelForCausalLM.from_pretrained(source)
+    np.testing.assert_allclose(torch_logits(theirs, IDS), paddle_logits(ours, IDS), atol=2e-5, rtol=0)
+    expected = _until_eos(_greedy_ours(source, IDS, 12, backend="fast"))
+    assert _until_eos(_greedy_transformers(theirs, IDS, 12)) == expected
+    assert tied or len(set(expected)) > 3  # a real continuation, not one repeated token
+    # and back in: the exported directory converts to a checkpoint with the same logits
+    back = AutoModelForCausalLM.from_pretrained(resolve_pretrained_dir(out))
+    np.testing.assert_allclose(paddle_logits(back, IDS), paddle_logits(ours, IDS), atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("model_type", OTHER_FAMILIES)
+def test_qwen2_and_mistral_score_export_is_sequence_classification(model_type, tiny_other_models, tmp_path):
+    import paddle
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from alignment.models import AutoModelForScore
+
+    source = str(tmp_path / "score")
+    model = AutoModelForScore.from_pretrained(tiny_other_models[model_type], score_type="reward")
+    with paddle.no_grad():
+        model.score_head.bias.set_value(paddle.to_tensor([0.75]))
+    model.save_pretrained(source, safe_serialization=True)
+    for name in ("sentencepiece.bpe.model", "tokenizer_config.json", "special_tokens_map.json"):
+        if os.path.isfile(os.path.join(tiny_other_models[model_type], name)):
+            shutil.copy(os.path.join(tiny_other_models[model_type], name), source)
+    model.eval()
+    with paddle.no_grad():
+        expected = model(paddle.to_tensor(IDS), return_dict=True).end_scores.numpy()
+    out = export_hf_checkpoint(source, str(tmp_path / "hf_score"))
+    config = json.load(open(os.path.join(out, "config.json")))
+    prefix = {"qwen2": "Qwen2", "mistral": "Mistral"}[model_type]
+    assert config["architectures"] == [f"{prefix}ForSequenceClassification"] and config["score_head_bias"] == [0.75]
+    theirs = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert type(theirs).__name__ == f"{prefix}ForSequenceClassification"
+    with torch.no_grad():
+        logits = theirs(torch.tensor(IDS)).logits.numpy()
+    np.testing.assert_allclose(logits + 0.75, expected, atol=2e-5, rtol=0)
+    back = AutoModelForScore.from_pretrained(resolve_pretrained_dir(out))
+    back.eval()
+    assert type(back).__name__ == f"{prefix}ModelForScore"
+    with paddle.no_grad():
+        np.testing.assert_allclose(back(paddle.to_tensor(IDS), return_dict=True).end_scores.numpy(), expected, atol=2e-5, rtol=0)
+
+
+IM_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+
+
+def _save_byte_level_bpe_tokenizer(directory: str) -> None:
+    """A tiny Qwen2-style tokenizer (byte-level BPE, ``<|im_start|>``/``<|im_end|>``, a chat template),
+    saved by PaddleNLP 3 as a Qwen2 checkpoint ships it (``vocab.json``, ``merges.txt`` ...)."""
+    from paddlenlp.transformers import AutoTokenizer
+    from transformers import Qwen2Tokenizer
+    from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
+
+    hub = directory + "_hub"
+    os.makedirs(hub)
+    vocab = {character: i for i, character in enumerate(bytes_to_unicode().values())}
+    merges = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "e r", "o n"]
+    for merge in merges:
+        vocab["".join(merge.split())] = len(vocab)
+    json.dump(vocab, open(os.path.join(hub, "vocab.json"), "w"))
+    with open(os.path.join(hub, "merges.txt"), "w") as file:
+        file.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tokenizer = Qwen2Tokenizer(os.path.join(hub, "vocab.json"), os.path.join(hub, "merges.txt"), eos_token="<|endoftext|>",
+                               pad_token="<|endoftext|>", unk_token=None, bos_token=None)  # fmt: skip
+    tokenizer.chat_template = IM_TEMPLATE
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.save_pretrained(hub)
+    AutoTokenizer.from_pretrained(hub).save_pretrained(directory)
+
+
+@pytest.mark.parametrize("model_type", [name for name in OTHER_FAMILIES if name == "qwen2"])
+def test_qwen2_byte_level_bpe_tokenizer_exports_and_imports_back(model_type, tiny_other_models, tmp_path):
+    from paddlenlp.transformers import AutoTokenizer
+    from transformers import AutoTokenizer as HFTokenizer
+
+    source = str(tmp_path / "qwen2_bpe")
+    shutil.copytree(tiny_other_models[model_type], source)
+    for name in os.listdir(source):
+        if name.startswith(("sentencepiece", "tokenizer", "special_tokens", "added_tokens")):
+            os.remove(os.path.join(source, name))
+    _save_byte_level_bpe_tokenizer(source)
+    out = export_hf_checkpoint(source, str(tmp_path / "hf"))
+    hf_config = json.load(open(os.path.join(out, "tokenizer_config.json")))
+    assert hf_config["tokenizer_class"] == "Qwen2Tokenizer" and "added_tokens_file" not in hf_config
+    ours, theirs = AutoTokenizer.from_pretrained(source), HFTokenizer.from_pretrained(out, use_fast=False)
+    text = "<|im_start|>user\nthe answer in 12 é<|im_end|>\n"
+    assert theirs(text)["input_ids"] == ours(text)["input_ids"] and 265 in theirs(text)["input_ids"]
+    assert theirs.chat_template == IM_TEMPLATE and theirs.eos_token == "<|endoftext|>"
+    back = AutoTokenizer.from_pretrained(resolve_pretrained_dir(out))  # and in again
+    assert back(text)["input_ids"] == ours(text)["input_ids"]
 
 
 def test_export_script_is_thin_and_refuses_bad_input(tiny_assets, tmp_path, python):

@@ -8,12 +8,13 @@ loads that directory as a PaddleNLP checkpoint. The user's directory is never wr
 ``$PADDLE_RLHF_HF_CACHE`` (default ``~/.cache/paddle-rlhf/hf``).
 
 **Out.** :func:`export_hf_checkpoint` writes one of our ``save_pretrained`` directories (policy, reward,
-cost or critic) as a transformers-loadable directory: ``LlamaForCausalLM`` for a causal LM,
-``LlamaForSequenceClassification`` (``num_labels = score_dim``) for a score model, whose score-head bias,
+cost or critic) as a transformers-loadable directory: ``<Arch>ForCausalLM`` (``Llama``, ``Qwen2``,
+``Mistral``) for a causal LM, ``<Arch>ForSequenceClassification`` (``num_labels = score_dim``) for a
+score model, whose score-head bias,
 if any, is kept in ``config.score_head_bias`` (transformers' classification head has none: add it to the
 logits), tokenizer files including ``tokenizer.model``, and ``generation_config.json``.
 
-Architectures plug in through :data:`HF_ARCHITECTURES` (one :class:`HFArchitecture` per ``model_type``:
+Architectures (Llama, Qwen2, Mistral) plug in through :data:`HF_ARCHITECTURES` (one :class:`HFArchitecture` per ``model_type``:
 backbone prefixes, the 2-D weights that keep their layout, class names). The weight rules are pure
 functions (:func:`hf_to_paddle_name`, :func:`paddle_to_hf_name`), as are the config rules
 (:func:`config_from_hf`, :func:`config_to_hf`).
@@ -48,6 +49,8 @@ __all__ = [
     "hf_to_paddle_name",
     "paddle_to_hf_name",
     "rope_settings_from_hf",
+    "lm_head_is_transposed",
+    "check_sliding_window",
     "config_from_hf",
     "config_to_hf",
     "import_hf_checkpoint",
@@ -83,7 +86,9 @@ class HFArchitecture:
     Every 2-D ``.weight`` is a Linear weight and is transposed, except names ending in one of
     ``untransposed`` (embeddings). ``supported_rope_types``: transformers ``rope_type`` -> ours.
     ``unsupported_flags``: config flags that must be false (features PaddleNLP's model lacks);
-    ``extra_config_keys``: architecture-specific config keys copied as they are.
+    ``extra_config_keys``: architecture-specific config keys copied as they are;
+    ``exported_config``: transformers config values every export writes (what our model computes,
+    e.g. no sliding window). Sliding windows are checked by :func:`check_sliding_window`.
     """
 
     model_type: str
@@ -98,6 +103,7 @@ class HFArchitecture:
     )
     unsupported_flags: tuple[str, ...] = ("attention_bias", "mlp_bias")
     extra_config_keys: tuple[str, ...] = ()
+    exported_config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 HF_ARCHITECTURES: dict[str, HFArchitecture] = {}
@@ -118,6 +124,68 @@ register_hf_architecture(
         score_model="LlamaModelForScore",
     )
 )
+
+
+#: PaddleNLP's Qwen2 and Mistral compute RoPE without scaling (no ``rope_scaling_type`` in their layers).
+_DEFAULT_ROPE_ONLY = {"default": None}
+
+register_hf_architecture(
+    HFArchitecture(
+        model_type="qwen2",
+        backbone="qwen2",
+        causal_lm="Qwen2ForCausalLM",
+        sequence_classification="Qwen2ForSequenceClassification",
+        score_model="Qwen2ModelForScore",
+        supported_rope_types=_DEFAULT_ROPE_ONLY,
+        # q/k/v always carry biases in both implementations (1-D ``*.bias``: copied, never transposed),
+        # so there is no attention_bias flag to refuse; the MLP has none
+        unsupported_flags=("mlp_bias",),
+        extra_config_keys=("use_sliding_window", "sliding_window", "max_window_layers"),
+        exported_config={"use_sliding_window": False},
+    )
+)
+register_hf_architecture(
+    HFArchitecture(
+        model_type="mistral",
+        backbone="mistral",
+        causal_lm="MistralForCausalLM",
+        sequence_classification="MistralForSequenceClassification",
+        score_model="MistralModelForScore",
+        supported_rope_types=_DEFAULT_ROPE_ONLY,
+        extra_config_keys=("sliding_window",),
+        exported_config={"sliding_window": None},
+    )
+)
+
+
+def check_sliding_window(hf_config: Mapping[str, Any], where: str = "config.json") -> None:
+    """Refuse a transformers config whose sliding window changes the attention of some layer.
+
+    PaddleNLP's Qwen2 and Mistral attend causally over the whole sequence, which equals windowed
+    attention exactly when the window covers every position (``sliding_window >=
+    max_position_embeddings``) or is off: Mistral's when ``sliding_window`` is null, Qwen2's when
+    ``use_sliding_window`` is false (transformers then drops ``sliding_window``). ``max_window_layers``
+    does not make a Qwen2 window safe: transformers 4.x windows every layer under its eager/sdpa
+    attention and only layers ``>= max_window_layers`` under flash-attention.
+    """
+    window = hf_config.get("sliding_window")
+    if window is None:
+        return
+    model_type = hf_config.get("model_type")
+    if model_type == "qwen2":
+        if not hf_config.get("use_sliding_window", False):
+            return
+    elif model_type != "mistral":
+        return
+    positions = hf_config.get("max_position_embeddings")
+    if positions is not None and int(window) < int(positions):
+        raise HFCheckpointError(
+            f"{where}: sliding_window {window} < max_position_embeddings {positions}; PaddleNLP's "
+            f"{model_type} attends over the whole sequence, so longer inputs would differ from transformers. "
+            f"Set max_position_embeddings to at most {window}"
+            + (" or use_sliding_window=false" if model_type == "qwen2" else " or sliding_window=null")
+            + " if you train on shorter sequences"
+        )
 
 
 def _architecture(model_type: Any, where: str) -> HFArchitecture:
@@ -302,6 +370,21 @@ def paddle_to_hf_name(name: str, ndim: int, architecture: HFArchitecture) -> tup
     return name, transpose
 
 
+def lm_head_is_transposed(shape: tuple[int, ...], config: Mapping[str, Any]) -> bool:
+    """Whether our ``lm_head.weight`` of ``shape`` is ``[hidden, vocab]`` (and so transposed for transformers).
+
+    PaddleNLP's untied head is ``[hidden, vocab]``; a tied head (Qwen2, Llama on PaddleNLP 3) *is* the
+    ``[vocab, hidden]`` embedding matrix, used with ``transpose_y``. The shape decides; a square head
+    (vocab = hidden) is read as tied exactly when ``config.tie_word_embeddings``.
+    """
+    vocab, hidden = config.get("vocab_size"), config.get("hidden_size")
+    if vocab != hidden and tuple(shape) == (vocab, hidden):
+        return False
+    if vocab != hidden and tuple(shape) == (hidden, vocab):
+        return True
+    return not config.get("tie_word_embeddings", False)
+
+
 def rope_settings_from_hf(hf_config: Mapping[str, Any], architecture: HFArchitecture, where: str) -> dict[str, Any]:
     """``rope_theta``, ``rope_scaling_type``, ``rope_scaling_factor`` from either config format.
 
@@ -357,6 +440,7 @@ def config_from_hf(hf_config: Mapping[str, Any], where: str = "config.json") -> 
             raise HFCheckpointError(f"{where}: {flag}=true is not supported by PaddleNLP's {architecture.causal_lm}")
     if hf_config.get("hidden_act", "silu") != "silu":
         raise HFCheckpointError(f"{where}: hidden_act {hf_config['hidden_act']!r}; only 'silu' is supported")
+    check_sliding_window(hf_config, where)
     config.update(rope_settings_from_hf(hf_config, architecture, where))
     config["model_type"] = architecture.model_type
     config["tie_word_embeddings"] = False
@@ -384,6 +468,7 @@ def config_to_hf(config: Mapping[str, Any], has_bias: bool = False) -> dict[str,
     hf: dict[str, Any] = {key: config[key] for key in _COPIED_CONFIG_KEYS + architecture.extra_config_keys if key in config}
     hf.update(model_type=architecture.model_type, hidden_act="silu")
     hf.update({flag: False for flag in architecture.unsupported_flags})
+    hf.update(architecture.exported_config)
     hf["rope_theta"] = float(config.get("rope_theta", 10000.0))
     scaling_type = config.get("rope_scaling_type")
     if scaling_type:
@@ -482,6 +567,22 @@ def _import_tokenizer(source: str, dest: str, hf_config: Mapping[str, Any]) -> N
         json.dump({key: ours[key] for key in SPECIAL_TOKENS if key in ours}, file, indent=2, ensure_ascii=False)
 
 
+#: A byte-level BPE tokenizer's files (Qwen2's ``Qwen2Tokenizer``), the same in PaddleNLP 3 and transformers.
+BPE_FILES = ("vocab.json", "merges.txt")
+#: Keys PaddleNLP's ``save_pretrained`` writes into ``tokenizer_config.json`` that are paths or load-time state.
+_LOCAL_TOKENIZER_KEYS = ("name_or_path", "_from_auto", "added_tokens_file", "special_tokens_map_file", "tokenizer_file")
+
+
+def _export_bpe_tokenizer(source: str, dest: str, ours: Mapping[str, Any]) -> None:
+    """Byte-level BPE files copied as they are; ``tokenizer_config.json`` without PaddleNLP's local paths."""
+    for name in BPE_FILES + ("added_tokens.json", "special_tokens_map.json"):
+        if os.path.isfile(os.path.join(source, name)):
+            shutil.copy(os.path.join(source, name), os.path.join(dest, name))
+    hf = {key: value for key, value in ours.items() if key not in _LOCAL_TOKENIZER_KEYS}
+    with open(os.path.join(dest, "tokenizer_config.json"), "w", encoding="utf-8") as file:
+        json.dump(hf, file, indent=2, ensure_ascii=False)
+
+
 def _export_tokenizer(source: str, dest: str, config: Mapping[str, Any]) -> None:
     """transformers tokenizer files from ours: ``tokenizer.model``, ``tokenizer_config.json``
     (``LlamaTokenizer``, legacy SentencePiece behaviour as PaddleNLP's), ``special_tokens_map.json``."""
@@ -495,8 +596,13 @@ def _export_tokenizer(source: str, dest: str, config: Mapping[str, Any]) -> None
         if os.path.isfile(os.path.join(source, name)):
             shutil.copy(os.path.join(source, name), os.path.join(dest, name))
     if sentencepiece is None:
-        if not os.path.isfile(os.path.join(source, "tokenizer.json")):
-            raise HFCheckpointError(f"{source}: no {PADDLE_SENTENCEPIECE}, {HF_SENTENCEPIECE} or tokenizer.json to export")
+        byte_level_bpe = all(os.path.isfile(os.path.join(source, name)) for name in BPE_FILES)
+        if byte_level_bpe:
+            _export_bpe_tokenizer(source, dest, ours)
+        elif not os.path.isfile(os.path.join(source, "tokenizer.json")):
+            raise HFCheckpointError(
+                f"{source}: no {PADDLE_SENTENCEPIECE}, {HF_SENTENCEPIECE}, {' + '.join(BPE_FILES)} or tokenizer.json to export"
+            )
         return
     shutil.copy(sentencepiece, os.path.join(dest, HF_SENTENCEPIECE))
     hf: dict[str, Any] = {"tokenizer_class": "LlamaTokenizer", "legacy": True, "clean_up_tokenization_spaces": False}
@@ -702,13 +808,15 @@ def export_hf_checkpoint(source: str, dest: str) -> str:
             bias = np.asarray(array, dtype=np.float32)
             continue
         hf_name, transpose = paddle_to_hf_name(name, array.ndim, architecture)
+        if name == "lm_head.weight":
+            transpose = lm_head_is_transposed(array.shape, config)
         tensors.append((hf_name, _TO_HF_DTYPE.get(dtype, dtype), array.T if transpose else array))
-        by_name[hf_name] = array
+        by_name[hf_name] = array.T if transpose else array
     hf_config = config_to_hf(config)
     embed_name = f"{architecture.hf_backbone}.embed_tokens.weight"
     if "lm_head.weight" in by_name and embed_name in by_name:
-        tied = by_name["lm_head.weight"].shape[::-1] == by_name[embed_name].shape and np.array_equal(
-            by_name["lm_head.weight"].T, by_name[embed_name]
+        tied = by_name["lm_head.weight"].shape == by_name[embed_name].shape and np.array_equal(
+            by_name["lm_head.weight"], by_name[embed_name]
         )
         hf_config["tie_word_embeddings"] = bool(tied and config.get("tie_word_embeddings"))
         if hf_config["tie_word_embeddings"]:
