@@ -29,10 +29,8 @@ import paddle
 from alignment.models.ppo_model_utils import (
     add_kl_divergence_regularization,
     get_advantage_estimator,
-    kl_divergence_per_sequence,
     make_position_ids,
     make_sequence_mask,
-    masked_mean,
 )
 from alignment.ppo.ppo_trainer import PPOTrainer
 from alignment.ppo.rl_trainer import RolloutSettings
@@ -107,21 +105,13 @@ class CriticFreeTrainer(PPOTrainer):
             rewards=rewards, sequence_mask=response_mask, index=index, values=None, gamma=args.gamma,
             gae_lambda=args.gae_lambda, epsilon=args.advantage_epsilon, norm_by_std=args.norm_adv_by_std,
         )  # fmt: skip
-        kl = kl_divergence_per_sequence(log_probs, ref_log_probs, response_mask)
-        lengths = response_mask.astype("float32").sum(axis=-1)
         reward_np = reward.numpy()
-        metrics = {
-            "train/reward": float(reward_np.mean()),
+        metrics = self.experience_metrics(reward, reward_parts, rewards, log_probs, ref_log_probs, advantages, returns, response_mask)
+        metrics.update({
+            "train/reward": float(reward_np.mean()),  # (NumPy's mean, as before)
             "train/reward_std": float(reward_np.std()),
             **group_reward_statistics(reward_np, index),
-            "train/kl_divergence": float(kl.mean().item()),
-            "train/reward_with_kl_penalty": float((rewards * response_mask.astype("float32")).sum(axis=-1).mean().item()),
-            "train/reward_advantage": float(masked_mean(advantages, response_mask).item()),
-            "train/reward_return": float(masked_mean(returns, response_mask).item()),
-            "train/mean_generated_length": float(lengths.mean().item()),
-            "train/max_generated_length": float(lengths.max().item()),
-            **{f"train/reward_{name}": float(np.mean(values)) for name, values in reward_parts.items()},
-        }
+        })  # fmt: skip
         return {
             "input_ids": sequences,
             "attention_mask": attention_mask,

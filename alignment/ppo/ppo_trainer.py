@@ -194,6 +194,33 @@ class PPOTrainer(RLTrainer):
 
         return self.forward_chunks(run, input_ids.shape[0])
 
+    @staticmethod
+    def experience_metrics(
+        reward: paddle.Tensor,
+        reward_parts: dict[str, Any],
+        rewards: paddle.Tensor,
+        log_probs: paddle.Tensor,
+        ref_log_probs: paddle.Tensor,
+        advantages: paddle.Tensor,
+        returns: paddle.Tensor,
+        response_mask: paddle.Tensor,
+    ) -> dict[str, float]:
+        """The rollout metrics every trainer of this family logs: ``reward [B]`` (sequence score),
+        ``reward_parts`` (per-source scores), and ``rewards``/``log_probs``/``ref_log_probs``/
+        ``advantages``/``returns``/``response_mask`` on the response columns ``[B, R]``."""
+        kl = kl_divergence_per_sequence(log_probs, ref_log_probs, response_mask)
+        lengths = response_mask.astype("float32").sum(axis=-1)
+        return {
+            "train/reward": float(reward.mean().item()),
+            "train/kl_divergence": float(kl.mean().item()),
+            "train/reward_with_kl_penalty": float((rewards * response_mask.astype("float32")).sum(axis=-1).mean().item()),
+            "train/reward_advantage": float(masked_mean(advantages, response_mask).item()),
+            "train/reward_return": float(masked_mean(returns, response_mask).item()),
+            "train/mean_generated_length": float(lengths.mean().item()),
+            "train/max_generated_length": float(lengths.max().item()),
+            **{f"train/reward_{name}": float(np.mean(part)) for name, part in reward_parts.items()},
+        }
+
     @paddle.no_grad()
     def make_experience(
         self, prompt_input_ids: paddle.Tensor, sequences: paddle.Tensor, attention_mask: paddle.Tensor, prompt_indices=None
@@ -215,19 +242,8 @@ class PPOTrainer(RLTrainer):
         advantages, returns = get_advantages_and_returns(
             values, rewards, response_mask, 0, gamma=args.gamma, gae_lambda=args.gae_lambda
         )
-        kl = kl_divergence_per_sequence(log_probs, ref_log_probs, response_mask)
-        lengths = response_mask.astype("float32").sum(axis=-1)
-        metrics = {
-            "train/reward": float(reward.mean().item()),
-            "train/kl_divergence": float(kl.mean().item()),
-            "train/reward_with_kl_penalty": float((rewards * response_mask.astype("float32")).sum(axis=-1).mean().item()),
-            "train/reward_advantage": float(masked_mean(advantages, response_mask).item()),
-            "train/reward_return": float(masked_mean(returns, response_mask).item()),
-            "train/reward_value": float(masked_mean(values, response_mask).item()),
-            "train/mean_generated_length": float(lengths.mean().item()),
-            "train/max_generated_length": float(lengths.max().item()),
-            **{f"train/reward_{name}": float(np.mean(values)) for name, values in reward_parts.items()},
-        }
+        metrics = self.experience_metrics(reward, reward_parts, rewards, log_probs, ref_log_probs, advantages, returns, response_mask)
+        metrics["train/reward_value"] = float(masked_mean(values, response_mask).item())
         return {
             "input_ids": sequences,
             "attention_mask": attention_mask,
