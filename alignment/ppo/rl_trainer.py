@@ -189,6 +189,8 @@ class RLTrainer(abc.ABC):
         self.ptx_dataset = ptx_dataset
         self.rollout_settings = rollout
         self._generate_fn = generate_fn
+        self.rollout_log_probs: paddle.Tensor | None = None  # see sample_rollout
+        self._warned_rollout_log_probs = False
         self.state = TrainerState()
         self.dp_rank, self.dp_world = world_info()
         self.offload = OffloadManager(self._effective_offload_level(getattr(args, "offload_level", "")))
@@ -358,8 +360,12 @@ class RLTrainer(abc.ABC):
         attention_mask: paddle.Tensor,
         do_sample: bool | None = None,
         num_return_sequences: int | None = None,
-    ) -> paddle.Tensor:
-        """Left-padded prompts ``[B, S]`` -> prompt + response ``[B * n, S + N]`` (pad after EOS)."""
+        return_log_probs: bool = False,
+    ):
+        """Left-padded prompts ``[B, S]`` -> prompt + response ``[B * n, S + N]`` (pad after EOS).
+
+        ``return_log_probs``: return ``(sequences, log_probs [B * n, N] or None)`` instead, the rollout
+        backend's log-prob of every generated token (None when the backend cannot give them)."""
         settings = self.rollout_settings
         do_sample = settings.do_sample if do_sample is None else do_sample
         if num_return_sequences is None:
@@ -368,8 +374,11 @@ class RLTrainer(abc.ABC):
         if generate is None:
             from alignment.ppo.infer_utils import generate_rollout as generate
         model = self.actor_trainer.rollout_model
+        extra = {"return_log_probs": True} if return_log_probs else {}
+        if return_log_probs and self._generate_fn is not None:
+            extra = {}  # a custom generate function returns sequences only
         with model_parallel_broadcast_guard(model):
-            return generate(
+            result = generate(
                 model,
                 input_ids,
                 attention_mask,
@@ -384,7 +393,11 @@ class RLTrainer(abc.ABC):
                 pad_token_id=self.tokenizer.pad_token_id,
                 backend=settings.backend,
                 progress=not self.args.disable_tqdm and is_main_process(),
+                **extra,
             )
+        if return_log_probs and not extra:
+            return result, None
+        return result
 
     def sample_rollout(self, prompt_batch: dict[str, Any]) -> paddle.Tensor:
         """The rollout's sequences ``[P * n, S + N]``, with reproducible sampling.
@@ -394,28 +407,44 @@ class RLTrainer(abc.ABC):
         prompt's n samples are drawn separately from ``(seed, global_step, its dataset index)``, so the
         responses do not depend on how prompts are spread over ranks (N processes reproduce one) at the
         cost of one generation call per prompt.
+
+        With ``rollout_log_probs`` the backend's log-probs of the generated tokens are kept in
+        ``self.rollout_log_probs`` (``[P * n, N]``, 0 after EOS; None when the backend gives none).
         """
         args, step = self.args, self.state.global_step
         indices = prompt_batch.get("prompt_index")
+        want_log_probs = bool(getattr(args, "rollout_log_probs", False))
+        self.rollout_log_probs = None
         if not getattr(args, "rollout_seed_per_prompt", False) or indices is None:
             paddle.seed(rollout_seed(args.seed, step, self.dp_rank))
-            return self.generate(prompt_batch["input_ids"], prompt_batch["attention_mask"])
-        input_ids, attention_mask = prompt_batch["input_ids"], prompt_batch["attention_mask"]
-        prompt_width, pad = input_ids.shape[1], self.tokenizer.pad_token_id
-        parts = []
-        for row, index in enumerate(indices):
-            paddle.seed(rollout_seed(args.seed, step, 1_000_003 + int(index)))
-            real = int(attention_mask[row].astype("int64").sum())  # generate from the unpadded prompt: the
-            prompt = input_ids[row : row + 1, prompt_width - real :]  # same input whatever the batch width
-            generated = self.generate(prompt, paddle.ones_like(prompt, dtype=attention_mask.dtype))
-            left = paddle.full([generated.shape[0], prompt_width - real], pad, dtype=generated.dtype)
-            parts.append(paddle.concat([left, generated], axis=1))
-        width = max(part.shape[1] for part in parts)
-        parts = [
-            paddle.concat([p, paddle.full([p.shape[0], width - p.shape[1]], pad, dtype=p.dtype)], axis=1) if p.shape[1] < width else p
-            for p in parts
-        ]  # fmt: skip
-        return paddle.concat(parts, axis=0)
+            result = self.generate(prompt_batch["input_ids"], prompt_batch["attention_mask"], return_log_probs=want_log_probs)
+            sequences, self.rollout_log_probs = result if want_log_probs else (result, None)
+        else:
+            input_ids, attention_mask = prompt_batch["input_ids"], prompt_batch["attention_mask"]
+            prompt_width, pad = input_ids.shape[1], self.tokenizer.pad_token_id
+            parts, log_prob_parts = [], []
+            for row, index in enumerate(indices):
+                paddle.seed(rollout_seed(args.seed, step, 1_000_003 + int(index)))
+                real = int(attention_mask[row].astype("int64").sum())  # generate from the unpadded prompt: the
+                prompt = input_ids[row : row + 1, prompt_width - real :]  # same input whatever the batch width
+                result = self.generate(prompt, paddle.ones_like(prompt, dtype=attention_mask.dtype), return_log_probs=want_log_probs)
+                generated, log_probs = result if want_log_probs else (result, None)
+                left = paddle.full([generated.shape[0], prompt_width - real], pad, dtype=generated.dtype)
+                parts.append(paddle.concat([left, generated], axis=1))
+                log_prob_parts.append(log_probs)
+            width = max(part.shape[1] for part in parts)
+            sequences = paddle.concat([_pad_columns(part, width, pad) for part in parts], axis=0)
+            if want_log_probs and all(part is not None for part in log_prob_parts):
+                self.rollout_log_probs = paddle.concat(
+                    [_pad_columns(part, width - prompt_width, 0.0) for part in log_prob_parts], axis=0
+                )
+        if want_log_probs and self.rollout_log_probs is None and not self._warned_rollout_log_probs:
+            self._warned_rollout_log_probs = True
+            logger.warning(
+                "rollout_log_probs: this rollout backend gives no log-probs (only the fast CPU decoder does); "
+                "old_log_probs come from an actor forward pass as without the option"
+            )
+        return sequences
 
     # ---------------------------------------------------------------------------------- training
     def train(self, resume_from_checkpoint: str | None = None) -> TrainerState:
@@ -828,6 +857,13 @@ class _IndexedCollator:
         batch = self.collator([{k: v for k, v in sample.items() if k != "prompt_index"} for sample in samples])
         batch["prompt_index"] = [sample["prompt_index"] for sample in samples]
         return batch
+
+
+def _pad_columns(tensor: paddle.Tensor, width: int, value) -> paddle.Tensor:
+    """``[R, C]`` -> ``[R, width]``, right-padded with ``value`` (``width >= C``)."""
+    if tensor.shape[1] >= width:
+        return tensor
+    return paddle.concat([tensor, paddle.full([tensor.shape[0], width - tensor.shape[1]], value, dtype=tensor.dtype)], axis=1)
 
 
 def _barrier() -> None:

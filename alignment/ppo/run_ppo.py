@@ -168,6 +168,12 @@ class TrainingArguments(PPOLagArguments, PaddleTrainingArguments):
         metadata={"help": "Seed each prompt's sampling from (seed, step, prompt index) and generate prompt by prompt: "
                           "rollouts independent of the number of data-parallel ranks (slower generation)."},
     )  # fmt: skip
+    rollout_log_probs: bool = field(
+        default=False,
+        metadata={"help": "Use the rollout decoder's own log-probs of the generated tokens as old_log_probs instead of "
+                          "an actor forward pass in the experience phase (fast CPU decoder only; equal up to float "
+                          "rounding, logged as train/rollout_ratio_deviation)."},
+    )  # fmt: skip
     advantage_epsilon: float = field(default=1e-6, metadata={"help": "GRPO: (s - mean) / (std + epsilon)."})
     norm_adv_by_std: bool = field(default=True, metadata={"help": "GRPO: divide by the group std (False: Dr. GRPO)."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (0 = greedy)."})

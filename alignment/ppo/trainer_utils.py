@@ -18,6 +18,7 @@ import contextlib
 import copy
 import importlib.util
 import logging
+import math
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -304,6 +305,31 @@ def derive_args(args: Any, **overrides: Any) -> Any:
     return derived
 
 
+class InPlaceClipGradByGlobalNorm(paddle.nn.ClipGradByGlobalNorm):
+    """``ClipGradByGlobalNorm`` that scales the gradients in place, and only when the norm exceeds the limit.
+
+    Paddle's version multiplies every gradient by ``clip_norm / max(norm, clip_norm)`` into new
+    tensors on every step, also when the factor is 1: on CPU that is about half of its ~19 ms per
+    step for a 7.3M-parameter model. Same result (bitwise when not clipping; the same multiply when
+    clipping or when the norm is not finite). Dense float32 gradients of one process only; anything
+    else (selected rows, other dtypes, distributed meshes) takes Paddle's own path.
+    """
+
+    @paddle.no_grad()
+    def _dygraph_clip(self, params_grads):
+        grads = [g for p, g in params_grads if g is not None and getattr(p, "need_clip", True) is not False]
+        if not grads or any(g.dtype != paddle.float32 or g.is_selected_rows() or g.is_dist() for g in grads):
+            return super()._dygraph_clip(params_grads)
+        from paddle.nn.clip import _squared_l2_norm
+
+        norm = float(paddle.sqrt(paddle.stack([_squared_l2_norm(g) for g in grads]).sum()))
+        if not math.isfinite(norm) or norm > self.clip_norm:
+            factor = self.clip_norm / max(norm, self.clip_norm)  # inf -> 0, nan -> nan: as Paddle's multiply
+            for g in grads:
+                g.scale_(factor)
+        return params_grads
+
+
 class StepTrainer(_trainer_base()):
     """One trainable model of the RL loop (actor or critic) stepped explicitly by the loop.
 
@@ -342,6 +368,8 @@ class StepTrainer(_trainer_base()):
     def setup(self, num_training_steps: int) -> None:
         """Create the optimizer and LR schedule and wrap the model for distributed training."""
         self.create_optimizer_and_scheduler(num_training_steps=num_training_steps)
+        if type(getattr(self.optimizer, "_grad_clip", None)) is paddle.nn.ClipGradByGlobalNorm:
+            self.optimizer._grad_clip = InPlaceClipGradByGlobalNorm(self.optimizer._grad_clip.clip_norm)
         if self.pipeline is None:
             self.model_wrapped = self._wrap_model(self.model_wrapped)
         elif dist.get_world_size() > 1:
