@@ -20,7 +20,8 @@ weights of the frozen ones) and peak RSS over it. ``--warmup N`` untimed steps c
 
 ``--compare-trl`` then runs ``scripts/benchmark_trl_ppo.py`` (Hugging Face TRL 0.11.4's
 ``PPOv2Trainer``, PyTorch) in a subprocess on the same shape, steps and threads and adds its JSON as
-``trl`` and ``ours_over_trl`` (our median step / TRL's). ``--cpu-path portable`` runs ours with
+``trl`` and ``ours_over_trl`` (our median step / TRL's; also without TRL's per-step ``gc.collect()``
+time, and per phase). ``--cpu-path portable`` runs ours with
 ``ALIGNMENT_PORTABLE_CPU=1`` and TRL with ``ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2
 DNNL_MAX_CPU_ISA=AVX2``, so both sides run AVX2-only code:
 
@@ -278,7 +279,14 @@ def main(argv=None) -> dict:
     }
     if args.compare_trl:
         result["trl"] = run_trl(args, threads)
-        result["ours_over_trl"] = step / result["trl"]["median_step_s"]
+        trl = result["trl"]
+        result["ours_over_trl"] = step / trl["median_step_s"]
+        # TRL spends part of every step in gc.collect() (see benchmark_trl_ppo.py); its phases exclude it
+        result["ours_over_trl_without_gc"] = step / (trl["median_step_s"] - trl.get("gc_collect_s", 0.0))
+        result["ours_over_trl_phases"] = {
+            phase: result[key] / trl[key] for phase, key in
+            (("generation", "generation_s"), ("experience", "experience_s"), ("train", "train_s")) if trl.get(key)
+        }  # fmt: skip
     if args.json:
         print(json.dumps(result))
     else:

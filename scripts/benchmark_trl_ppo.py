@@ -13,7 +13,11 @@ Each PPO step is timed from the previous ``on_step_end`` callback (``on_train_be
 the first ``--warmup`` steps are dropped and the medians of the next ``--steps`` printed. The phases
 are split by wrapping ``trl.trainer.ppov2_trainer.batch_generation`` (generation) and the first
 training ``forward`` of a step (what lies between is experience: reference, value and reward forwards;
-what follows is training: forward, backward, AdamW step and the step's logging).
+what follows is training: forward, backward, AdamW step and the step's logging). PPOv2Trainer also
+calls ``gc.collect()`` twice per step, after the experience phase and after ``on_step_end`` (so the
+second lands in the next step's interval, before its generation); with torch + transformers loaded each
+call walks a few hundred thousand objects. Their time is ``gc_collect_s`` and is left out of the three
+phases: ``median_step_s`` ~ ``generation_s + experience_s + train_s + gc_collect_s``.
 
     python scripts/benchmark_trl_ppo.py --num-heads 8 --steps 3 --json
 
@@ -33,6 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
+from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from alignment.utils.benchmarking import add_shape_arguments, check_shape_arguments  # noqa: E402  (no paddle import)
@@ -125,6 +130,16 @@ def main(argv=None) -> dict:
             marks[-1]["train_start"] = time.perf_counter()
         return real_forward(model, *a, **k)
 
+    real_gc = ppov2.gc
+
+    def timed_collect(*a, **k):  # PPOv2Trainer calls gc.collect() twice per step, see the module docstring
+        start = time.perf_counter()
+        out = real_gc.collect(*a, **k)
+        mark = marks[-1]
+        phase = "gc_generation" if "generated" not in mark else "gc_experience" if "train_start" not in mark else "gc_train"
+        mark[phase] = mark.get(phase, 0.0) + time.perf_counter() - start
+        return out
+
     class StepTimer(TrainerCallback):
         def on_train_begin(self, *_, **__):
             new_step(time.perf_counter())
@@ -135,6 +150,7 @@ def main(argv=None) -> dict:
             new_step(now)
 
     ppov2.batch_generation, ppov2.forward = timed_generation, timed_forward
+    ppov2.gc = SimpleNamespace(collect=timed_collect)
     # TRL 0.11.4's PPOv2Trainer skips Trainer.__init__, so attributes transformers >= 4.47 added there are
     # missing (create_optimizer reads optimizer_cls_and_kwargs): give them their defaults.
     for name in ("optimizer_cls_and_kwargs",):
@@ -156,23 +172,25 @@ def main(argv=None) -> dict:
         )  # fmt: skip
         with contextlib.redirect_stdout(sys.stderr):  # TRL prints banners and per-step logs
             trainer.train()
-    ppov2.batch_generation, ppov2.forward = real_generation, real_forward
+    ppov2.batch_generation, ppov2.forward, ppov2.gc = real_generation, real_forward, real_gc
 
     steps = [m for m in marks if "end" in m]
     if len(steps) != total_steps:
         raise RuntimeError(f"TRL ran {len(steps)} PPO steps, expected {total_steps}")
     measured = steps[args.warmup :]
 
-    def median(first: str, last: str) -> float:
-        return statistics.median(m[last] - m[first] for m in measured)
+    def median(first: str, last: str, gc_key: str) -> float:
+        """Median time from stamp ``first`` to ``last`` without the gc.collect() calls in between."""
+        return statistics.median(m[last] - m[first] - m.get(gc_key, 0.0) for m in measured)
 
-    step_s = median("start", "end")
+    generation = median("start", "generated", "gc_generation")
     result = {
-        "median_step_s": step_s,
-        "generation_s": median("start", "generated"),
-        "experience_s": median("generated", "train_start"),
-        "train_s": median("train_start", "end"),
-        "rollout_tokens_per_s": args.batch_size * args.new_tokens / median("start", "generated"),
+        "median_step_s": statistics.median(m["end"] - m["start"] for m in measured),
+        "generation_s": generation,
+        "experience_s": median("generated", "train_start", "gc_experience"),
+        "train_s": median("train_start", "end", "gc_train"),
+        "gc_collect_s": statistics.median(sum(v for k, v in m.items() if k.startswith("gc_")) for m in measured),
+        "rollout_tokens_per_s": args.batch_size * args.new_tokens / generation,
         "steps": len(measured),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "torch_threads": torch.get_num_threads(),

@@ -63,8 +63,10 @@ def test_benchmark_ppo_compares_with_trl_on_the_portable_path(repo_root):
     result = run_script(repo_root, "benchmark_ppo.py", "--steps", "1", "--gemm-size", "64", "--compare-trl",
                         "--cpu-path", "portable")  # fmt: skip
     trl = result["trl"]
-    for key in ("median_step_s", "generation_s", "experience_s", "train_s", "peak_rss_mb"):
+    for key in ("median_step_s", "generation_s", "experience_s", "train_s", "gc_collect_s", "peak_rss_mb"):
         assert trl[key] > 0, key
+    assert set(result["ours_over_trl_phases"]) == {"generation", "experience", "train"}
+    assert result["ours_over_trl_without_gc"] >= result["ours_over_trl"]
     assert trl["steps"] == 1 and trl["torch_threads"] == result["threads"]
     assert {k: trl["config"][k] for k in ("hidden_size", "batch_size", "prompt_len", "new_tokens")} == {
         k: result["config"][k] for k in ("hidden_size", "batch_size", "prompt_len", "new_tokens")
