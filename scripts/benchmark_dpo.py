@@ -4,8 +4,8 @@ Random-weight policy and reference (``LlamaForCausalLM``, same weights) of the g
 ``--batch-size`` pairs per step, each side ``--prompt-len`` prompt tokens plus ``--new-tokens``
 response tokens (the two answers share the prompt and differ in every response token), the
 ``sigmoid`` loss with beta 0.1. It runs ``DPOTrainer.training_step`` (what ``Trainer.train`` calls
-per micro-batch) and then the optimizer step. The first step warms up; the medians of the next
-``--steps`` are reported (wall clock, and process CPU time ``step_cpu_s``, which a loaded machine
+per micro-batch) and then the optimizer step. The first ``--warmup`` steps (default 1) warm up; the
+medians of the next ``--steps`` are reported (wall clock, and process CPU time ``step_cpu_s``, which a loaded machine
 distorts less). Example (docs/benchmarks.md, the PPO benchmark's reference shape):
 
     python scripts/benchmark_dpo.py --vocab-size 8000 --hidden-size 256 --intermediate-size 688 \\
@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 
-from alignment.utils.benchmarking import add_shape_arguments, check_shape_arguments, llama_config
+from alignment.utils.benchmarking import add_shape_arguments, check_shape_arguments, llama_config, memory_lower_bound_bytes
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,8 +33,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--precompute", action="store_true", help="reference log-probs precomputed (no reference forward in the step)"
     )
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones (default 1)")
     args = parser.parse_args(argv)
     check_shape_arguments(parser, args, positive=("steps",))
+    if args.warmup < 0:
+        parser.error("--warmup must be >= 0")
     return args
 
 
@@ -76,13 +79,13 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as output_dir:
         training_args = DPOTrainingArguments(
             output_dir=output_dir, loss_type=args.loss_type, per_device_train_batch_size=args.batch_size,
-            learning_rate=1e-6, max_steps=args.steps + 1, report_to=[], disable_tqdm=True, seed=args.seed,
+            learning_rate=1e-6, max_steps=args.warmup + args.steps, report_to=[], disable_tqdm=True, seed=args.seed,
         )  # fmt: skip
         trainer = DPOTrainer(model=policy, args=training_args, reference_model=None if args.precompute else reference)
-        trainer.create_optimizer_and_scheduler(num_training_steps=args.steps + 1)
+        trainer.create_optimizer_and_scheduler(num_training_steps=args.warmup + args.steps)
         model = trainer._wrap_model(trainer.model)
         records = []
-        for _ in range(args.steps + 1):
+        for _ in range(args.warmup + args.steps):
             batch = random_batch(args, rng)
             if args.precompute:
                 with paddle.no_grad():
@@ -94,8 +97,13 @@ def main(argv=None) -> dict:
             trainer.optimizer.step()
             trainer.optimizer.clear_grad()
             records.append((backward_done - start, time.perf_counter() - backward_done, time.process_time() - cpu_start))
-    measured = records[1:]  # the first step warms up caches and kernels
+    measured = records[args.warmup :]  # warm-up steps fill caches and pick kernels
     steps = [a + b for a, b, _ in measured]
+    counts = {"policy": int(sum(np.prod(p.shape) for p in policy.parameters()))}
+    if not args.precompute:
+        counts["reference"] = int(sum(np.prod(p.shape) for p in reference.parameters()))
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    bound_mb = memory_lower_bound_bytes(counts["policy"], counts.get("reference", 0)) / 2**20
     result = {
         "median_step_s": statistics.median(steps),
         "forward_backward_s": statistics.median(a for a, _, _ in measured),
@@ -103,7 +111,10 @@ def main(argv=None) -> dict:
         "step_cpu_s": statistics.median(c for _, _, c in measured),  # process CPU time: less sensitive to load
         "pairs_per_s": args.batch_size / statistics.median(steps),
         "tokens_per_s": 2 * args.batch_size * (args.prompt_len + args.new_tokens) / statistics.median(steps),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb,
+        "param_counts": counts,
+        "memory_lower_bound_mb": bound_mb,
+        "peak_rss_over_bound": peak_rss_mb / bound_mb,
         "threads": threads,
         "config": {k: v for k, v in vars(args).items() if k != "json"},
     }
@@ -112,6 +123,7 @@ def main(argv=None) -> dict:
     else:
         for key, value in result.items():
             if key != "config":
+                value = json.dumps(value) if isinstance(value, dict) else value
                 print(f"{key:>22}: {value:.3f}" if isinstance(value, float) else f"{key:>22}: {value}")
     return result
 
