@@ -69,6 +69,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=None, help="responses per prompt (default 1; 2 for grpo/rloo)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones (default 1)")
     parser.add_argument(
+        "--rollout-log-probs", action="store_true",
+        help="rollout_log_probs: old_log_probs from the rollout decoder, no actor forward in the experience phase",
+    )  # fmt: skip
+    parser.add_argument(
         "--compare-trl", action="store_true",
         help="also time TRL 0.11.4's PPOv2Trainer on the same shape (scripts/benchmark_trl_ppo.py, needs trl + torch)",
     )  # fmt: skip
@@ -139,6 +143,7 @@ def build_trainer(args: argparse.Namespace, output_dir: str):
     training_args = TrainingArguments(
         output_dir=output_dir,
         rl_algorithm=args.algorithm,
+        rollout_log_probs=args.rollout_log_probs,
         num_return_sequences=args.samples,
         per_device_prompt_batch_size=prompts_per_step,
         per_device_train_batch_size=args.batch_size,
@@ -253,7 +258,7 @@ def main(argv=None) -> dict:
     trained = counts["actor"] + counts.get("critic", 0)
     bound_mb = memory_lower_bound_bytes(trained, sum(counts.values()) - trained) / 2**20
     flops = ppo_phase_flops(ModelShape.from_args(args), args.batch_size, args.prompt_len, args.new_tokens,
-                            critic=models["critic"] is not None)  # fmt: skip
+                            critic=models["critic"] is not None, actor_experience=not args.rollout_log_probs)  # fmt: skip
     result = {
         "median_step_s": step,
         "generation_s": generation,
@@ -275,8 +280,12 @@ def main(argv=None) -> dict:
         "cpu_path": args.cpu_path,
         "avx512_kernels_enabled": avx512_kernels_enabled(),
         "cpu_kernels": cpu_path_summary(),
+        "mkl_cpu_type": os.environ.get("MKL_DEBUG_CPU_TYPE"),  # MKL's kernels on AMD: 7 AVX-512, 5 AVX2
         "config": {k: v for k, v in vars(args).items() if k not in ("json", "trl_python")},
     }
+    deviations = [r["train/rollout_ratio_deviation"] for r in measured if "train/rollout_ratio_deviation" in r]
+    if deviations:  # --rollout-log-probs: how far the first update's PPO ratio is from 1
+        result["rollout_ratio_deviation_max"] = max(deviations)
     if args.compare_trl:
         result["trl"] = run_trl(args, threads)
         trl = result["trl"]

@@ -27,7 +27,7 @@ from alignment.utils.env import (
     configure_cpu_threads,
     cpu_path_summary,
     cpu_supports_avx512f,
-    enable_mkl_avx2_on_amd,
+    enable_fast_mkl_on_amd,
 )
 
 
@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--no-mkl-avx2",
         action="store_true",
-        help="do not set MKL_DEBUG_CPU_TYPE=5 on AMD CPUs (both backends then use MKL's slow generic sgemm)",
+        help="do not set MKL_DEBUG_CPU_TYPE on AMD CPUs (both backends then use MKL's slow generic sgemm)",
     )
     args = parser.parse_args(argv)
     check_shape_arguments(parser, args, positive=("repeats",))
@@ -72,15 +72,17 @@ def build_inputs(args):
 
 
 def run(args) -> dict:
-    mkl_avx2 = False if args.no_mkl_avx2 else enable_mkl_avx2_on_amd()  # before the first matmul
+    if args.cpu_path == "portable":  # before MKL's kernels are chosen: the portable path uses its AVX2 ones
+        os.environ[PORTABLE_CPU_ENV] = "1"
+    # MKL's kernels are fixed for the process at its first matmul: under --cpu-path both the portable
+    # variant differs in the RMSNorm kernel only (run --cpu-path portable for MKL's AVX2 path too).
+    mkl_avx2 = False if args.no_mkl_avx2 else enable_fast_mkl_on_amd()  # before the first matmul
     threads = configure_cpu_threads(args.threads)
     from alignment.ppo.infer_utils import generate_rollout
 
     model, input_ids, attention_mask, num_params = build_inputs(args)
     new_tokens = args.batch_size * args.new_tokens
 
-    if args.cpu_path == "portable":
-        os.environ[PORTABLE_CPU_ENV] = "1"
     # name -> (backend, portable kernels forced for this variant)
     variants = {"plain": ("plain", False), "accelerated": (args.backend, False)}
     if args.cpu_path == "both":
@@ -118,6 +120,7 @@ def run(args) -> dict:
             "num_heads": args.num_heads, "num_kv_heads": args.num_kv_heads or args.num_heads,
             "batch_size": args.batch_size, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
             "repeats": args.repeats, "threads": threads, "seed": args.seed, "mkl_avx2": mkl_avx2,
+            "mkl_cpu_type": os.environ.get("MKL_DEBUG_CPU_TYPE"),
             "num_params": num_params, "backend": args.backend, "cpu_path": args.cpu_path,
             "cpu_has_avx512f": cpu_supports_avx512f(),
             "accelerated_cpu_kernels": cpu_path_summary() if args.cpu_path != "both" else None,

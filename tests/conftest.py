@@ -17,9 +17,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Paddle's bundled MKL runs its slow generic kernels on AMD CPUs unless told otherwise (see
 # alignment/utils/env.py); set before the first matmul so every test and subprocess uses AVX2.
-from alignment.utils.env import enable_mkl_avx2_on_amd  # noqa: E402
+from alignment.utils.env import enable_fast_mkl_on_amd  # noqa: E402
 
-enable_mkl_avx2_on_amd()
+enable_fast_mkl_on_amd()
 
 
 @pytest.fixture(scope="session", autouse=True)

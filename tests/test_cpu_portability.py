@@ -232,11 +232,33 @@ def test_mkl_avx2_switch_needs_amd_with_avx2(monkeypatch, tmp_path):
     monkeypatch.delenv("MKL_DEBUG_CPU_TYPE", raising=False)
     monkeypatch.setattr(env, "CPUINFO", write_cpuinfo(tmp_path, "AuthenticAMD", "fpu sse2 avx"))
     assert env.cpu_vendor() == "AuthenticAMD" and "avx2" not in env.cpu_flags()
-    assert not env.enable_mkl_avx2_on_amd() and "MKL_DEBUG_CPU_TYPE" not in os.environ
+    assert not env.enable_fast_mkl_on_amd() and "MKL_DEBUG_CPU_TYPE" not in os.environ
     monkeypatch.setattr(env, "CPUINFO", write_cpuinfo(tmp_path, "GenuineIntel", "fpu avx avx2 avx512f"))
-    assert not env.enable_mkl_avx2_on_amd()
+    assert not env.enable_fast_mkl_on_amd()
     monkeypatch.setattr(env, "CPUINFO", write_cpuinfo(tmp_path, "AuthenticAMD", "fpu avx avx2 fma"))
-    assert env.enable_mkl_avx2_on_amd() and os.environ["MKL_DEBUG_CPU_TYPE"] == "5"
+    assert env.enable_fast_mkl_on_amd() and os.environ["MKL_DEBUG_CPU_TYPE"] == "5"
+
+
+@pytest.mark.parametrize(
+    "flags, portable, expected",
+    [
+        ("avx2 avx512f avx512cd avx512bw avx512dq avx512vl", False, "7"),  # Zen 4/5: MKL's AVX-512 kernels
+        ("avx2 avx512f avx512cd avx512bw avx512dq avx512vl", True, "5"),  # ALIGNMENT_PORTABLE_CPU: AVX2 only
+        ("avx2 avx512f", False, "5"),  # AVX-512F without the subsets MKL's SKX kernels use
+    ],
+)
+def test_mkl_avx512_kernels_only_with_every_subset_and_not_on_the_portable_path(monkeypatch, tmp_path, flags, portable, expected):
+    monkeypatch.delenv("MKL_DEBUG_CPU_TYPE", raising=False)
+    monkeypatch.setattr(env, "CPUINFO", write_cpuinfo(tmp_path, "AuthenticAMD", f"fpu avx {flags}"))
+    monkeypatch.setattr(env, "cpu_supports_avx512f", lambda: True)
+    if portable:
+        monkeypatch.setenv(env.PORTABLE_CPU_ENV, "1")
+    else:
+        monkeypatch.delenv(env.PORTABLE_CPU_ENV, raising=False)
+    assert env.mkl_cpu_type_for_amd() == expected
+    assert env.enable_fast_mkl_on_amd() and os.environ["MKL_DEBUG_CPU_TYPE"] == expected
+    monkeypatch.setattr(env, "cpu_supports_avx512f", lambda: False)  # Paddle's own cpuid check disagrees
+    assert env.mkl_cpu_type_for_amd() == "5"
 
 
 def test_no_proc_cpuinfo_imports_and_runs(monkeypatch, tmp_path):
@@ -244,7 +266,7 @@ def test_no_proc_cpuinfo_imports_and_runs(monkeypatch, tmp_path):
     monkeypatch.delenv("MKL_DEBUG_CPU_TYPE", raising=False)
     monkeypatch.setattr(env, "CPUINFO", str(tmp_path / "missing"))
     assert env.cpu_vendor() == "" and env.cpu_flags() == frozenset()
-    assert not env.enable_mkl_avx2_on_amd() and "MKL_DEBUG_CPU_TYPE" not in os.environ
+    assert not env.enable_fast_mkl_on_amd() and "MKL_DEBUG_CPU_TYPE" not in os.environ
     assert env.setup_cpu_runtime(1) == 1
     assert isinstance(env.avx512_kernels_enabled(), bool)
 

@@ -347,9 +347,10 @@ def test_thread_count_follows_argument_then_launch_environment(monkeypatch):
 def test_mkl_avx2_switch_only_on_amd_and_never_over_the_user(monkeypatch):
     monkeypatch.delenv("MKL_DEBUG_CPU_TYPE", raising=False)
     monkeypatch.setattr(env, "cpu_vendor", lambda: "GenuineIntel")
-    assert not env.enable_mkl_avx2_on_amd()
+    assert not env.enable_fast_mkl_on_amd()
     monkeypatch.setattr(env, "cpu_vendor", lambda: "AuthenticAMD")
-    assert env.enable_mkl_avx2_on_amd()
+    monkeypatch.setattr(env, "cpu_flags", lambda: frozenset({"avx", "avx2", "fma"}))
+    assert env.enable_fast_mkl_on_amd()
     assert env.os.environ["MKL_DEBUG_CPU_TYPE"] == "5"
     monkeypatch.setenv("MKL_DEBUG_CPU_TYPE", "4")
-    assert not env.enable_mkl_avx2_on_amd()
+    assert not env.enable_fast_mkl_on_amd()

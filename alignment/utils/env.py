@@ -11,11 +11,12 @@ What actually controls Paddle's CPU math (paddlepaddle 3.3.1 CPU wheel, measured
   has no effect on the running process.
 * Paddle's CPU matmul calls ``cblas_sgemm`` from its bundled MKL (``libmklml_intel.so``, "MKL 2019.0
   Update 5"). On AMD CPUs that MKL picks its slow generic code path; ``MKL_DEBUG_CPU_TYPE=5`` makes it
-  use the AVX2 kernels. MKL reads the variable at its first call, so setting it in ``os.environ`` works
-  any time before the first matmul of the process (also after ``import paddle``). Measured, 1 thread:
-  [8, 256] x [256, 8000] 1920 us -> 354 us, 512^3 40 -> 105 GFLOP/s. (MKL >= 2020.1 ignores the variable.)
-  It is set only on AMD CPUs that report AVX2: the value forces MKL's AVX2 kernels, which would
-  fault on a CPU without AVX2.
+  use the AVX2 kernels and ``7`` its AVX-512 kernels. MKL reads the variable at its first call, so
+  setting it in ``os.environ`` works any time before the first matmul of the process (also after
+  ``import paddle``). Measured, 1 thread: [8, 256] x [256, 8000] 1920 us -> 354 us, 512^3 40 -> 105
+  GFLOP/s with ``5``; 2 threads, 2048^3: 236 (``5``) -> 436 GFLOP/s (``7``). (MKL >= 2020.1 ignores the
+  variable.) It is set only on AMD CPUs that report the instructions the value forces (AVX2; the
+  AVX-512 subsets of :data:`MKL_AVX512_FLAGS`), and ``7`` never with ``ALIGNMENT_PORTABLE_CPU=1``.
 
 CPU features. Some Paddle CPU kernels use instructions the wheel does not check for: the fused
 RMSNorm kernel (``phi::fusion::RmsNormAvxKernel``, behind ``paddle.incubate.nn.functional.
@@ -165,28 +166,54 @@ def cpu_vendor() -> str:
     return _cpuinfo_field("vendor_id")
 
 
-def enable_mkl_avx2_on_amd() -> bool:
-    """Make Paddle's bundled MKL use its AVX2 sgemm kernels on AMD CPUs; True if it was set here.
+#: What MKL's AVX-512 ("SKX") sgemm kernels execute; Intel Skylake-SP and AMD Zen 4 onwards report all five.
+MKL_AVX512_FLAGS = ("avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl")
 
-    Sets ``MKL_DEBUG_CPU_TYPE=5`` unless the user set it, the CPU is not AMD or it does not report
-    AVX2 (the value forces AVX2 code). Must run before the process's first matmul (MKL reads it
-    once); calling it after ``import paddle`` is fine. Matmul results change only by floating-point
-    rounding. Where /proc/cpuinfo is missing nothing is set.
+
+def mkl_cpu_type_for_amd() -> str | None:
+    """The ``MKL_DEBUG_CPU_TYPE`` Paddle's bundled MKL should get on this CPU, or None to leave MKL alone.
+
+    ``"7"`` (MKL's AVX-512 kernels) on AMD CPUs reporting every flag of :data:`MKL_AVX512_FLAGS` while
+    AVX-512 kernels are allowed (:func:`avx512_kernels_enabled`: not with ``ALIGNMENT_PORTABLE_CPU=1``);
+    ``"5"`` (AVX2 kernels) on other AMD CPUs reporting AVX2; None on other vendors (MKL picks its best
+    kernels there itself), without AVX2, or where /proc/cpuinfo is missing.
     """
-    if "MKL_DEBUG_CPU_TYPE" in os.environ or cpu_vendor() != "AuthenticAMD" or "avx2" not in cpu_flags():
+    flags = cpu_flags()
+    if cpu_vendor() != "AuthenticAMD" or "avx2" not in flags:
+        return None
+    if all(flag in flags for flag in MKL_AVX512_FLAGS) and avx512_kernels_enabled():
+        return "7"
+    return "5"
+
+
+def enable_fast_mkl_on_amd() -> bool:
+    """Make Paddle's bundled MKL use its AVX-512 or AVX2 sgemm kernels on AMD CPUs; True if set here.
+
+    Sets ``MKL_DEBUG_CPU_TYPE`` to :func:`mkl_cpu_type_for_amd` unless the user set it. Must run before
+    the process's first matmul (MKL reads it once); calling it after ``import paddle`` is fine. Matmul
+    results change only by floating-point rounding. Measured on a 2-core AMD EPYC (Zen 5), 2 threads,
+    fp32 GFLOP/s of ``[768, 256] x [256, 768]``: ``"5"`` 255, ``"7"`` 500.
+
+    The values follow MKL's code branches (``MKL_CBWR``): 5 = AVX2, 7 = AVX512 (Xeon kernels: F, CD,
+    BW, DQ, VL). 6 and 8 are the Xeon Phi branches (AVX512_MIC, AVX512_MIC_E1): their kernels use
+    AVX512ER/4FMAPS and kill the process with SIGILL on any other CPU (measured: 6 passes a GEMM test,
+    then faults inside a Llama forward), so they are never set.
+    """
+    value = mkl_cpu_type_for_amd()
+    if "MKL_DEBUG_CPU_TYPE" in os.environ or value is None:
         return False
-    os.environ["MKL_DEBUG_CPU_TYPE"] = "5"
+    os.environ["MKL_DEBUG_CPU_TYPE"] = value
     return True
 
 
 def setup_cpu_runtime(num_threads: int | None = None) -> int:
     """Everything a CPU run needs before its first matmul; returns the math threads used.
 
-    MKL's AVX2 kernels on AMD (:func:`enable_mkl_avx2_on_amd`), the thread count
+    MKL's AVX-512/AVX2 kernels on AMD (:func:`enable_fast_mkl_on_amd`), the thread count
     (:func:`configure_cpu_threads`) and the faster CPU versions of PaddleNLP's Llama building blocks
     (:mod:`alignment.models.llama_cpu`). On a GPU build running on GPU only the thread count is set.
     """
-    enable_mkl_avx2_on_amd()
+    enable_fast_mkl_on_amd()
     threads = configure_cpu_threads(num_threads)
     from alignment.models.llama_cpu import enable_fast_cpu_llama
 
