@@ -11,6 +11,7 @@ import paddle
 import pytest
 
 from alignment.models.ppo_model_utils import (
+    entropy_from_logits,
     actor_loss_fn,
     add_kl_divergence_regularization,
     critic_loss_fn,
@@ -56,6 +57,19 @@ def test_gather_log_probabilities_golden():
     out = gather_log_probabilities(logits, labels)
     assert out.shape == [1, 2] and out.dtype == paddle.float32
     close(out, [[math.log(5 / 8), math.log(1 / 3)]])
+
+
+def test_gather_log_probabilities_with_entropy_golden_and_detached():
+    # softmax [1/8, 2/8, 5/8]: H = -(1/8 ln 1/8 + 2/8 ln 2/8 + 5/8 ln 5/8); uniform over 3: H = ln 3.
+    logits = f32([[np.log([1.0, 2.0, 5.0]), [0.0, 0.0, 0.0]]])
+    logits.stop_gradient = False
+    log_probs, entropy = gather_log_probabilities(logits, i64([[2, 1]]), with_entropy=True)
+    p = np.array([1, 2, 5]) / 8
+    close(entropy, [[-(p * np.log(p)).sum(), math.log(3)]])
+    close(log_probs, [[math.log(5 / 8), math.log(1 / 3)]])
+    assert entropy.stop_gradient and not log_probs.stop_gradient
+    large = logits + 700.0  # max-shifted: no overflow, the same entropy as entropy_from_logits
+    close(gather_log_probabilities(large, i64([[2, 1]]), with_entropy=True)[1], entropy_from_logits(large))
 
 
 def test_gather_log_probabilities_shifted_call_scores_next_token():

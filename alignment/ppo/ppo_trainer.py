@@ -307,7 +307,11 @@ class PPOTrainer(RLTrainer):
         args = self.args
         mask, mean_type = batch["response_mask"], args.loss_mean_type
         clip = dict(clip_range_ratio_low=args.clip_range_ratio_low, clip_range_ratio_high=args.clip_range_ratio_high)
-        log_probs = gather_log_probabilities(logits, batch["input_ids"][:, batch["start"] + 1 :])
+        labels = batch["input_ids"][:, batch["start"] + 1 :]
+        if args.entropy_coeff > 0:
+            log_probs = gather_log_probabilities(logits, labels)
+        else:  # the entropy is a metric only: from the same softmax pass
+            log_probs, token_entropy = gather_log_probabilities(logits, labels, with_entropy=True)
         loss = actor_loss_fn(log_probs, batch["old_log_probs"], batch["advantages"], mask, args.clip_range_ratio, mean_type, **clip)
         kl_loss = paddle.zeros([])
         if args.kl_loss_coeff > 0:
@@ -318,7 +322,7 @@ class PPOTrainer(RLTrainer):
             loss = loss - args.entropy_coeff * entropy
         else:
             with paddle.no_grad():
-                entropy = masked_loss_mean(entropy_from_logits(logits.detach()), mask, mean_type)
+                entropy = masked_loss_mean(token_entropy, mask, mean_type)
         if metrics is not None and getattr(self, "_check_rollout_ratio", False):
             self._check_rollout_ratio = False  # the first micro-batch, before any optimizer step
             metrics["train/rollout_ratio_deviation"] = float(
