@@ -309,3 +309,39 @@ def test_ppo_end_to_end_with_the_portable_path_forced(tmp_path, tiny_assets, tin
     records = [r for r in read_metrics(str(output)) if "train/actor_loss" in r]
     assert records and records[-1]["step"] == 2  # one rollout of 2 micro-batches = 2 optimizer steps
     assert all(np.isfinite(r["train/actor_loss"]) for r in records)
+
+
+_HOLES = """
+import ctypes
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+def rss_kb():
+    with open("/proc/self/status") as status:
+        return next(int(l.split()[1]) for l in status if l.startswith("VmRSS"))
+def block(size):
+    pointer = libc.malloc(size); ctypes.memset(pointer, 1, size); return pointer  # touched: resident
+libc.free(libc.malloc(8 << 20))  # a freed mmap-ed block: glibc's threshold rises, 1 MiB blocks come from the heap
+base = rss_kb()
+big, small = [], []
+for _ in range(50):  # 50 MiB of activation-sized blocks with small live blocks between them
+    big.append(block(1 << 20)); small.append(block(1024))
+for p in big: libc.free(p)
+held = rss_kb() - base
+from alignment.utils.env import release_free_memory
+assert not release_free_memory(min_bytes=100 << 20)  # 50 MiB free: under this floor nothing is trimmed
+kept = rss_kb() - base
+assert release_free_memory(min_bytes=40 << 20)
+print(held // 1024, kept // 1024, (rss_kb() - base) // 1024)
+"""
+
+
+def test_release_free_memory_gives_heap_holes_back_to_the_os():
+    """Freed activation-sized blocks between live ones stay resident until ``release_free_memory``."""
+    import subprocess
+    import sys
+
+    env_vars = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", _HOLES], capture_output=True, text=True, env=env_vars, check=True)
+    held, kept, after = map(int, out.stdout.split()[-3:])
+    assert held >= 45 and kept >= 45 and after <= 5, (held, kept, after)

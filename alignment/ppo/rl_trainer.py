@@ -84,6 +84,7 @@ from alignment.utils.checkpoint import (
     save_tensor_state,
     verify_checkpoint,
 )
+from alignment.utils.env import release_free_memory
 from alignment.utils.metrics import MetricsLogger, is_main_process, truncate_metrics
 
 __all__ = ["RLTrainer", "TrainerState", "NonFiniteError", "RolloutSettings", "response_logits"]
@@ -487,6 +488,7 @@ class RLTrainer(abc.ABC):
         args = self.args
         self.set_train(False)
         start = time.perf_counter()
+        release_free_memory()  # the last update's freed activations: keeps peak RSS near the live memory
         self.export_rollout_models()
         with paddle.no_grad():
             sequences = self.sample_rollout(prompt_batch)
@@ -502,6 +504,7 @@ class RLTrainer(abc.ABC):
             micro_batches = self.split_micro_batches(experience)
             ptx_batches = self.ptx_micro_batches(self.state.rollouts) if self.ptx_dataset is not None else None
             self.set_train(True)
+            release_free_memory()  # the rollout's freed decoder weights and KV cache
             with self.offload.use("train_model", *self.trained_models), self.offload.use("optimizer", *self.optimizers):
                 metrics.update(self.update(micro_batches, ptx_batches))
         else:

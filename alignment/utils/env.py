@@ -206,6 +206,50 @@ def enable_fast_mkl_on_amd() -> bool:
     return True
 
 
+#: :func:`release_free_memory` trims only when at least this much freed memory sits in the C heap.
+RELEASE_FREE_MEMORY_MIN_BYTES = 256 << 20
+
+
+def release_free_memory(min_bytes: int = RELEASE_FREE_MEMORY_MIN_BYTES) -> bool:
+    """Give the freed holes of the C heap back to the OS (glibc ``malloc_trim(0)``) when they hold at least
+    ``min_bytes`` (``mallinfo2().fordblks``); True if it trimmed.
+
+    glibc serves activation-sized tensors from its heap once its dynamic mmap threshold has risen (it
+    does after the first large free), and the holes they leave between live blocks stay resident. On
+    the 110M-parameter PPO step that made peak RSS 6.1 GB for 5.3 GB of live memory; trimming at the
+    start of the rollout and of the update brings it to 5.7 GB. Trimming costs page faults when the
+    memory is used again: always trimming made the 7M-parameter reference step 15% slower, hence the
+    ``min_bytes`` floor (small models keep their few free MB). A fixed mmap threshold instead
+    (``MALLOC_MMAP_THRESHOLD_``) reached 5.3 GB but cost 6-11% of the step at 1 MiB and doubled it at
+    128 KiB (every activation mmap-ed and page-faulted anew). A no-op where the C library is not
+    glibc >= 2.33 (no ``mallinfo2``).
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+        if libc.mallinfo2().fordblks < min_bytes:
+            return False
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):  # not Linux/glibc, or glibc < 2.33
+        return False
+
+
+def _mallinfo2_struct():
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2 (all size_t)
+        _fields_ = [(name, ctypes.c_size_t) for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost",
+        )]  # fmt: skip
+
+    return MallInfo2
+
+
+_MallInfo2 = _mallinfo2_struct()
+
+
 def setup_cpu_runtime(num_threads: int | None = None) -> int:
     """Everything a CPU run needs before its first matmul; returns the math threads used.
 
