@@ -66,6 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--gemm-size", type=int, default=2048, help="passed to benchmark_ppo.py (gemm_peak_gflops)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per configuration (default: none)")
     parser.add_argument("--out", default="benchmark_scaling.jsonl", help="JSONL file the rows are appended to")
+    parser.add_argument("--table", action="store_true", help="only print the markdown table of the rows in --out")
     args = parser.parse_args(argv)
     for size in args.sizes:
         if size not in PRESETS:
@@ -138,12 +139,17 @@ def markdown_table(rows: list[dict]) -> str:
             times = " / ".join(_fmt(r[key]) for key in ("generation_s", "experience_s", "train_s"))
             gflops = " / ".join(_fmt(r[key], 1) for key in ("generation_gflops", "experience_gflops", "train_gflops"))
         lines.append(f"{head} | {_fmt(r['median_step_s'])} | {times} | {gflops} | {r['peak_rss_mb']:.0f} "
-                     f"| {r['memory_lower_bound_mb']:.0f} | {_fmt(r['peak_rss_over_bound'], 1)} |")  # fmt: skip
+                     f"| {r['memory_lower_bound_mb']:.0f} | {_fmt(r['peak_rss_over_bound'])} |")  # fmt: skip
     return "\n".join(lines)
 
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    if args.table:
+        with open(args.out, encoding="utf-8") as out:
+            rows = [json.loads(line) for line in out if line.strip()]
+        print(markdown_table(rows))
+        return rows
     rows = []
     grid = [(s, n, b, a) for s in args.sizes for n in args.new_tokens for b in args.batches for a in args.algorithms]
     for index, config in enumerate(grid, 1):

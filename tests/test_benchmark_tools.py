@@ -133,6 +133,11 @@ def test_scaling_script_on_a_tiny_grid(repo_root, tmp_path):
     assert table[0].startswith("| size (params/model) | new tokens | batch | algorithm | step s")
     assert len(table) == 2 + 2 and "| ppo |" in table[2] and "| dpo |" in table[3]
 
+    out.write_text("\n".join(json.dumps(row) for row in rows) + "\n")  # --table: the table of the file, no run
+    again = subprocess.run([sys.executable, "scripts/benchmark_scaling.py", "--table", "--out", str(out)], cwd=repo_root,
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert again.returncode == 0 and again.stdout.strip().splitlines() == table
+
 
 def test_scaling_script_refuses_an_unknown_size(repo_root):
     result = subprocess.run([sys.executable, "scripts/benchmark_scaling.py", "--sizes", "3B"], cwd=repo_root,

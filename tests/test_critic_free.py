@@ -8,6 +8,7 @@ import os
 import numpy as np
 import paddle
 import pytest
+from resume_helpers import sigkill_at_checkpoint_then_resume
 
 from alignment.ppo.run_ppo import DataArgument, ModelArgument, TrainingArguments, build_trainer, validate_arguments
 from alignment.utils.config import ConfigError, parse_arguments
@@ -322,10 +323,8 @@ def test_grpo_under_tensor_and_pipeline_parallel_matches_one_process(tmp_path, t
 @pytest.mark.slow
 def test_sigkilled_grpo_run_resumes_with_the_same_metrics_and_policy(tmp_path, tiny_assets, repo_root):
     """The one-model loop checkpoints and resumes what it declared: policy + its optimizer, counters, data order."""
-    import signal
     import subprocess
     import sys
-    import time
 
     settings = dict(
         reward_functions="length", custom_reward_modules=None, per_device_prompt_batch_size=2, rollout_n=2,
@@ -338,21 +337,7 @@ def test_sigkilled_grpo_run_resumes_with_the_same_metrics_and_policy(tmp_path, t
 
     output = tmp_path / "killed"
     killed = critic_free_config(tmp_path, tiny_assets, repo_root, "killed", **settings)
-    process = subprocess.Popen([sys.executable, RUN_PPO, killed], cwd=repo_root, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 240
-    while not (output / "checkpoint-4" / "manifest.json").exists():
-        assert process.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline, "no checkpoint-4 in time"
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (output / "policy").exists()  # it really died before the end
-    resumed = subprocess.run(
-        [sys.executable, RUN_PPO, killed, "--resume_from_checkpoint", "auto"],
-        cwd=repo_root, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    sigkill_at_checkpoint_then_resume(RUN_PPO, killed, output, repo_root, env)
 
     def records(name):
         return {r["step"]: r for r in read_metrics(str(tmp_path / name)) if "train/actor_loss" in r}

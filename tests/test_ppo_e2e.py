@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
+from resume_helpers import sigkill_at_checkpoint_then_resume
 
 from alignment.parallel.launch import launch_distributed
 from alignment.utils.metrics import read_metrics
@@ -114,22 +113,7 @@ def test_sigkilled_run_resumes_with_the_same_metrics(tmp_path, tiny_assets, tiny
 
     output = tmp_path / "killed"
     killed = write_config(tmp_path / "killed.json", tiny_assets, tiny_score_model, repo_root, output_dir=str(output), **settings)
-    process = subprocess.Popen([sys.executable, RUN_PPO, killed], cwd=repo_root, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 240
-    while not (output / "checkpoint-4" / "manifest.json").exists():
-        assert process.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline, "no checkpoint-4 in time"
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (output / "policy").exists()  # it really died before the end
-
-    resumed = subprocess.run(
-        [sys.executable, RUN_PPO, killed, "--resume_from_checkpoint", "auto"],
-        cwd=repo_root, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    resumed = sigkill_at_checkpoint_then_resume(RUN_PPO, killed, output, repo_root, env)
     assert "resumed from" in resumed.stderr + resumed.stdout
 
     expected, got = comparable(read_metrics(str(tmp_path / "ref"))), comparable(read_metrics(str(output)))

@@ -485,7 +485,6 @@ class RLTrainer(abc.ABC):
 
     def train_on_rollout(self, prompt_batch: dict[str, paddle.Tensor]) -> None:
         """Generate, build experience, and make ``updates_per_rollout`` optimizer updates."""
-        args = self.args
         self.set_train(False)
         start = time.perf_counter()
         release_free_memory()  # the last update's freed activations: keeps peak RSS near the live memory
