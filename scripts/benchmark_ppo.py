@@ -236,6 +236,8 @@ def main(argv=None) -> dict:
     logging.getLogger("alignment").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory() as output_dir:
         trainer, models = build_trainer(args, output_dir)
+        # the actor's experience forward doubles as its update forward (one pass, one micro-batch)
+        reused = not args.rollout_log_probs and trainer.first_update_reuses_experience(args.batch_size)
         records = []
         trainer.flush_logs = lambda force=False: None  # keep the per-step records for us
         for _ in range(args.warmup + args.steps):
@@ -258,7 +260,8 @@ def main(argv=None) -> dict:
     trained = counts["actor"] + counts.get("critic", 0)
     bound_mb = memory_lower_bound_bytes(trained, sum(counts.values()) - trained) / 2**20
     flops = ppo_phase_flops(ModelShape.from_args(args), args.batch_size, args.prompt_len, args.new_tokens,
-                            critic=models["critic"] is not None, actor_experience=not args.rollout_log_probs)  # fmt: skip
+                            critic=models["critic"] is not None, actor_experience=not args.rollout_log_probs,
+                            reused_actor_forward=reused)  # fmt: skip
     result = {
         "median_step_s": step,
         "generation_s": generation,
@@ -277,6 +280,7 @@ def main(argv=None) -> dict:
         "memory_lower_bound_mb": bound_mb,
         "peak_rss_over_bound": peak_rss_mb / bound_mb,
         "threads": threads,
+        "reused_actor_forward": reused,
         "cpu_path": args.cpu_path,
         "avx512_kernels_enabled": avx512_kernels_enabled(),
         "cpu_kernels": cpu_path_summary(),

@@ -85,6 +85,9 @@ def test_ppo_phase_flops_by_hand():
     assert causal["generation"] == prefill + 800 + 832 == 3520
     free = ppo_phase_flops(TINY, rows=2, prompt_len=3, new_tokens=3, critic=False)
     assert free == {"generation": 3552, "experience": 2 * actor + scorer, "training": 3 * actor}
+    # rollout_log_probs: no actor forward in experience; a reused actor forward: only its backward in training
+    assert ppo_phase_flops(TINY, 2, 3, 3, actor_experience=False)["experience"] == actor + 2 * scorer == 12768
+    assert ppo_phase_flops(TINY, 2, 3, 3, reused_actor_forward=True)["training"] == 2 * actor + 3 * scorer == 21408
     with pytest.raises(ValueError):
         ppo_phase_flops(TINY, 2, 3, 3, decode_context="half")
 

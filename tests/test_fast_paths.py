@@ -184,3 +184,52 @@ def test_trainable_rms_norm_with_a_frozen_weight_or_input():
     x2, w2 = paddle.randn([3, 8]), paddle.create_parameter([8], "float32")
     trainable_rms_norm(x2, w2, 1e-6).sum().backward()
     assert w2.grad is not None and x2.grad is None
+
+
+# ------------------------------------------------------------------ the experience forward reused
+def _train_two_rollouts(tmp_path, tiny_assets, tiny_score_model, repo_root, name, reuse: bool, **overrides):
+    """``(actor weights, metric rows, actor forward calls)`` after 2 rollouts, reusing or not."""
+    settings = dict(max_steps=2, per_device_prompt_batch_size=4, per_device_train_batch_size=4, rollout_backend="fast")
+    path = ppo_config(tmp_path, tiny_assets, tiny_score_model, repo_root, name=name, **{**settings, **overrides})
+    trainer = make_trainer(path)
+    if not reuse:
+        trainer.first_update_reuses_experience = lambda rows: False
+    calls = []
+    handle = trainer.actor_trainer.model.llama.register_forward_pre_hook(lambda layer, inputs: calls.append(1))
+    try:
+        trainer.train()
+    finally:
+        handle.remove()
+    with open(os.path.join(trainer.args.output_dir, METRICS_FILE)) as file:
+        rows = [json.loads(line) for line in file if "train/actor_loss" in line]
+    return {k: v.numpy() for k, v in trainer.actor_trainer.model.state_dict().items()}, rows, len(calls)
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_first_update_reuses_the_experience_forward_with_the_same_result(tmp_path, tiny_assets, tiny_score_model, repo_root, algorithm):
+    """One pass over one micro-batch: the experience forward of the actor is its update forward too
+    (one actor forward per step instead of two); weights and metrics equal the unshared run."""
+    extra = {} if algorithm == "ppo" else {"rl_algorithm": "grpo", "num_return_sequences": 2, "per_device_prompt_batch_size": 2}
+    reused = _train_two_rollouts(tmp_path, tiny_assets, tiny_score_model, repo_root, "reused", True, **extra)
+    plain = _train_two_rollouts(tmp_path, tiny_assets, tiny_score_model, repo_root, "plain", False, **extra)
+    assert reused[2] == 2 and plain[2] == 4  # forwards of the actor (the rollout decoder uses no forward)
+    for key, value in plain[0].items():
+        np.testing.assert_allclose(reused[0][key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+    assert len(reused[1]) == len(plain[1]) == 2
+    for mine, theirs in zip(reused[1], plain[1]):
+        for key in ("train/actor_loss", "train/kl_divergence", "train/reward", "train/entropy", "train/clip_fraction"):
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-6), key
+
+
+def test_experience_forward_is_not_reused_when_the_update_splits_or_repeats(tmp_path, tiny_assets, tiny_score_model, repo_root):
+    trainer = make_trainer(ppo_config(tmp_path, tiny_assets, tiny_score_model, repo_root, per_device_prompt_batch_size=4,
+                                      per_device_train_batch_size=4))  # fmt: skip
+    assert trainer.first_update_reuses_experience(4)
+    assert not trainer.first_update_reuses_experience(8)  # two micro-batches: the second sees updated weights
+    for name, value in (("update_iters", 2), ("gradient_accumulation_steps", 2), ("per_device_experience_batch_size", 2)):
+        old = getattr(trainer.args, name)
+        setattr(trainer.args, name, value)
+        try:
+            assert not trainer.first_update_reuses_experience(4), name
+        finally:
+            setattr(trainer.args, name, old)

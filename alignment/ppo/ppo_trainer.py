@@ -11,7 +11,9 @@ R = L - S positions t = start .. L-2 with start = S - 1, where column t holds to
     rewards [B, R]       = add_kl_divergence_regularization(reward, log_probs, ref_log_probs, ...)
     advantages, returns [B, R] = get_advantages_and_returns(values, rewards, response_mask, 0, ...)
 
-Then for every micro-batch: critic loss first, actor loss second (PaddleNLP's order). The math is
+Then for every micro-batch: actor loss first, critic loss second (PaddleNLP has them the other way;
+the models are independent). When the update is one pass over one micro-batch, the actor's experience
+forward is run with gradients and is the update's forward too (``first_update_reuses_experience``). The math is
 in :mod:`alignment.models.ppo_model_utils`; this class only orchestrates. Experience uses the rollout
 models (the training models, or their ``eval_mode`` copies); under pipeline parallel the losses run
 inside the pipeline, on the last stage's head output.
@@ -135,6 +137,17 @@ class PPOTrainer(RLTrainer):
         self._check_rollout_ratio = rollout is not None and list(rollout.shape) == [sequences.shape[0], sequences.shape[1] - 1 - start]
         if self._check_rollout_ratio:
             return rollout.astype("float32")
+        if self.first_update_reuses_experience(sequences.shape[0]):
+            # This forward is also the update's: same weights, same rows, one micro-batch (see the method).
+            trainer = self.actor_trainer
+            self.set_train(True)
+            try:
+                with paddle.enable_grad(), trainer.autocast():
+                    logits = response_logits(trainer.model_wrapped, sequences, attention_mask, position_ids, start)
+            finally:
+                self.set_train(False)
+            self.reused_outputs["actor"] = logits
+            return gather_log_probabilities(logits.detach(), sequences[:, start + 1 :])
         return self.log_probs_of(self.actor_trainer.rollout_model, sequences, attention_mask, position_ids, start)
 
     def reward_score(self, input_ids: paddle.Tensor, attention_mask: paddle.Tensor) -> paddle.Tensor:
@@ -338,8 +351,10 @@ class PPOTrainer(RLTrainer):
         return loss
 
     def rl_step(self, batch: dict[str, Any], loss_weight: float, accumulating: bool, actor_accumulating: bool) -> dict[str, float]:
-        critic_loss, _ = self.backward_on("reward_critic", batch, lambda values, b, _: self.critic_loss(values, b), loss_weight, accumulating)
+        # Actor first (the models are independent; PaddleNLP steps the critic first): an actor graph kept
+        # from the experience phase is released before the critic builds its own.
         actor_loss, metrics = self.backward_on("actor", batch, self.actor_loss, loss_weight, actor_accumulating, self.ACTOR_METRICS)
+        critic_loss, _ = self.backward_on("reward_critic", batch, lambda values, b, _: self.critic_loss(values, b), loss_weight, accumulating)
         return {"train/actor_loss": actor_loss, "train/reward_critic_loss": critic_loss, **metrics}
 
 

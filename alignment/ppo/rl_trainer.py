@@ -191,6 +191,9 @@ class RLTrainer(abc.ABC):
         self.rollout_settings = rollout
         self._generate_fn = generate_fn
         self.rollout_log_probs: paddle.Tensor | None = None  # see sample_rollout
+        # role -> head output computed with gradients in the experience phase for the first update
+        # (first_update_reuses_experience); backward_on takes it instead of running the forward again
+        self.reused_outputs: dict[str, paddle.Tensor] = {}
         self._warned_rollout_log_probs = False
         self.state = TrainerState()
         self.dp_rank, self.dp_world = world_info()
@@ -299,6 +302,23 @@ class RLTrainer(abc.ABC):
         gradient all-reduce (see ``StepTrainer.no_sync``).
         """
 
+    def first_update_reuses_experience(self, rows: int) -> bool:
+        """Whether the experience forward of the trained policy may also serve as its first update's forward.
+
+        Exactly when the update sees the rollout as it is, with the weights it was scored with: one pass
+        (``update_iters`` 1) over one micro-batch holding all ``rows`` (``per_device_train_batch_size``,
+        ``per_device_experience_batch_size``), no accumulation, no ptx term, and the training model is the
+        rollout model (no ``eval_mode`` copy, no pipeline). Then ``old_log_probs`` are that forward's
+        log-probs (the ratio is exactly 1, as it would be) and one forward pass per step is saved.
+        """
+        args, trainer = self.args, self.actor_trainer
+        chunk = args.per_device_experience_batch_size
+        return (
+            args.update_iters == 1 and args.gradient_accumulation_steps == 1 and args.per_device_train_batch_size >= rows
+            and (chunk is None or chunk >= rows) and self.ptx_dataset is None
+            and trainer.pipeline is None and trainer.eval_model is None
+        )  # fmt: skip
+
     def backward_on(
         self,
         role: str,
@@ -334,9 +354,10 @@ class RLTrainer(abc.ABC):
             return loss, metrics
         with trainer.no_sync(accumulating), trainer.autocast():
             inputs = (batch["input_ids"], batch["attention_mask"], batch["position_ids"])
-            if policy:
+            output = self.reused_outputs.pop(role, None)  # the experience phase's forward (same weights and rows)
+            if output is None and policy:
                 output = response_logits(trainer.model_wrapped, *inputs, start)
-            else:
+            elif output is None:
                 output = trainer.model_wrapped(inputs[0], attention_mask=inputs[1], position_ids=inputs[2], return_dict=True).scores
                 output = output[:, start:-1, 0]
             loss = loss_fn(output, batch, metrics)
@@ -509,6 +530,7 @@ class RLTrainer(abc.ABC):
         else:
             self.state.global_step += self.updates_per_rollout  # keep schedules aligned with the plan
             self.state.skipped_updates += self.updates_per_rollout
+        self.reused_outputs.clear()  # (a skipped update leaves its graph here)
         updated = time.perf_counter()
         metrics["train/generation_seconds"] = generated - start
         metrics["train/experience_seconds"] = experienced - generated

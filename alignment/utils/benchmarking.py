@@ -140,7 +140,8 @@ def forward_flops(shape: ModelShape, rows: int, seq_len: int, head_positions: in
 
 
 def ppo_phase_flops(shape: ModelShape, rows: int, prompt_len: int, new_tokens: int, critic: bool = True,
-                    decode_context: str = "full", actor_experience: bool = True) -> dict[str, int]:  # fmt: skip
+                    decode_context: str = "full", actor_experience: bool = True,
+                    reused_actor_forward: bool = False) -> dict[str, int]:  # fmt: skip
     """FLOPs of one PPO step's phases on ``rows`` sequences of ``prompt_len`` + ``new_tokens`` tokens,
     all four models (actor, reference, critic, reward) of the same ``shape``.
 
@@ -153,6 +154,8 @@ def ppo_phase_flops(shape: ModelShape, rows: int, prompt_len: int, new_tokens: i
     * ``experience``: actor and reference forwards with the LM head on the ``new_tokens`` response
       positions only, reward (and with ``critic``, critic) forwards with a score head on every position;
       ``actor_experience=False`` (``rollout_log_probs``: the rollout's own log-probs) drops the actor's.
+      ``reused_actor_forward`` (``first_update_reuses_experience``): the actor's experience forward is
+      also its update forward, so training counts only its backward (2x the forward) for the actor.
     * ``training``: forward + backward = 3x the forward FLOPs (the backward computes gradients for the
       activations and for the weights, each as costly as the forward) for the actor (LM head on the
       response positions) and with ``critic`` for the critic; critic-free algorithms train the actor only.
@@ -167,7 +170,7 @@ def ppo_phase_flops(shape: ModelShape, rows: int, prompt_len: int, new_tokens: i
     actor = forward_flops(shape, rows, total, head_positions=new_tokens)
     scorer = forward_flops(shape, rows, total, head_positions=total, head_out=1)
     experience = (2 if actor_experience else 1) * actor + (2 if critic else 1) * scorer
-    training = 3 * (actor + (scorer if critic else 0))
+    training = (2 if reused_actor_forward else 3) * actor + (3 * scorer if critic else 0)
     return {"generation": generation, "experience": experience, "training": training}
 
 
