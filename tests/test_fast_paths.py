@@ -233,3 +233,16 @@ def test_experience_forward_is_not_reused_when_the_update_splits_or_repeats(tmp_
             assert not trainer.first_update_reuses_experience(4), name
         finally:
             setattr(trainer.args, name, old)
+
+
+def test_a_kept_experience_forward_is_used_only_for_its_rows_before_any_step(tmp_path, tiny_assets, tiny_score_model, repo_root):
+    """An update that splits the rollout differently, or comes after an optimizer step, runs its own forward."""
+    trainer = make_trainer(ppo_config(tmp_path, tiny_assets, tiny_score_model, repo_root))
+    ids = paddle.to_tensor([[1, 2, 3], [4, 5, 6]])
+    kept = paddle.ones([2, 2, 5])
+    for step, rows, expected in ((0, ids, kept), (0, ids[:1], None), (1, ids, None), (0, ids + 1, None)):
+        trainer.state.global_step = 0
+        trainer.reused_outputs["actor"] = (0, ids, kept)
+        trainer.state.global_step = step
+        assert trainer._take_reused_output("actor", rows) is expected
+        assert "actor" not in trainer.reused_outputs  # dropped either way

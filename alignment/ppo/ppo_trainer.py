@@ -146,7 +146,7 @@ class PPOTrainer(RLTrainer):
                     logits = response_logits(trainer.model_wrapped, sequences, attention_mask, position_ids, start)
             finally:
                 self.set_train(False)
-            self.reused_outputs["actor"] = logits
+            self.reused_outputs["actor"] = (self.state.global_step, sequences, logits)
             return gather_log_probabilities(logits.detach(), sequences[:, start + 1 :])
         return self.log_probs_of(self.actor_trainer.rollout_model, sequences, attention_mask, position_ids, start)
 

@@ -191,9 +191,10 @@ class RLTrainer(abc.ABC):
         self.rollout_settings = rollout
         self._generate_fn = generate_fn
         self.rollout_log_probs: paddle.Tensor | None = None  # see sample_rollout
-        # role -> head output computed with gradients in the experience phase for the first update
-        # (first_update_reuses_experience); backward_on takes it instead of running the forward again
-        self.reused_outputs: dict[str, paddle.Tensor] = {}
+        # role -> (global step, input_ids, head output) computed with gradients in the experience phase
+        # for the first update (first_update_reuses_experience); backward_on takes the output instead of
+        # running the forward again, for exactly those rows at that step, and drops it otherwise
+        self.reused_outputs: dict[str, tuple[int, paddle.Tensor, paddle.Tensor]] = {}
         self._warned_rollout_log_probs = False
         self.state = TrainerState()
         self.dp_rank, self.dp_world = world_info()
@@ -319,6 +320,16 @@ class RLTrainer(abc.ABC):
             and trainer.pipeline is None and trainer.eval_model is None
         )  # fmt: skip
 
+    def _take_reused_output(self, role: str, input_ids: paddle.Tensor) -> paddle.Tensor | None:
+        """The kept experience output of ``role`` if it was computed on these rows with the current weights
+        (no optimizer step since); None otherwise. Either way it is dropped."""
+        reused = self.reused_outputs.pop(role, None)
+        if reused is None:
+            return None
+        step, rows, output = reused
+        same_rows = list(rows.shape) == list(input_ids.shape) and bool(paddle.equal_all(rows, input_ids))
+        return output if step == self.state.global_step and same_rows else None
+
     def backward_on(
         self,
         role: str,
@@ -354,7 +365,7 @@ class RLTrainer(abc.ABC):
             return loss, metrics
         with trainer.no_sync(accumulating), trainer.autocast():
             inputs = (batch["input_ids"], batch["attention_mask"], batch["position_ids"])
-            output = self.reused_outputs.pop(role, None)  # the experience phase's forward (same weights and rows)
+            output = self._take_reused_output(role, batch["input_ids"])  # the experience phase's forward
             if output is None and policy:
                 output = response_logits(trainer.model_wrapped, *inputs, start)
             elif output is None:
