@@ -22,22 +22,19 @@ import sys
 import tempfile
 import time
 
-from alignment.utils.benchmarking import add_shape_arguments, check_shape_arguments, llama_config, memory_lower_bound_bytes
+from alignment.utils.benchmarking import add_shape_arguments, add_step_arguments, check_shape_arguments, llama_config, memory_lower_bound_bytes
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_shape_arguments(parser)
-    parser.add_argument("--steps", type=int, default=5)
+    add_step_arguments(parser)
     parser.add_argument("--loss-type", default="sigmoid", help="registered preference loss")
     parser.add_argument(
         "--precompute", action="store_true", help="reference log-probs precomputed (no reference forward in the step)"
     )
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones (default 1)")
     args = parser.parse_args(argv)
     check_shape_arguments(parser, args, positive=("steps",))
-    if args.warmup < 0:
-        parser.error("--warmup must be >= 0")
     return args
 
 

@@ -43,6 +43,7 @@ from types import SimpleNamespace
 from alignment.utils.benchmarking import (
     ModelShape,
     add_shape_arguments,
+    add_step_arguments,
     check_shape_arguments,
     llama_config,
     measure_gemm_peak,
@@ -60,14 +61,13 @@ TORCH_AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_shape_arguments(parser)
-    parser.add_argument("--steps", type=int, default=5)
+    add_step_arguments(parser)
     parser.add_argument("--backend", default="auto", choices=["auto", "fast", "plain", "fused"], help="rollout backend")
     parser.add_argument(
         "--algorithm", default="ppo", choices=["ppo", "grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline"],
         help="rl_algorithm: ppo trains a critic, the others do not",
     )  # fmt: skip
     parser.add_argument("--samples", type=int, default=None, help="responses per prompt (default 1; 2 for grpo/rloo)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones (default 1)")
     parser.add_argument(
         "--rollout-log-probs", action="store_true",
         help="rollout_log_probs: old_log_probs from the rollout decoder, no actor forward in the experience phase",
@@ -84,8 +84,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--trl-python", default=sys.executable, help=argparse.SUPPRESS)  # interpreter for the TRL run
     args = parser.parse_args(argv)
     check_shape_arguments(parser, args, positive=("steps",))
-    if args.warmup < 0:
-        parser.error("--warmup must be >= 0")
     if args.gemm_size < 0:
         parser.error("--gemm-size must be >= 0")
     if args.compare_trl and args.algorithm != "ppo":

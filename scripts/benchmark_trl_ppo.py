@@ -40,18 +40,15 @@ import time
 from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from alignment.utils.benchmarking import add_shape_arguments, check_shape_arguments  # noqa: E402  (no paddle import)
+from alignment.utils.benchmarking import add_shape_arguments, add_step_arguments, check_shape_arguments  # noqa: E402  (no paddle import)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_shape_arguments(parser)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1, help="steps run before the timed ones (default 1)")
+    add_step_arguments(parser)
     args = parser.parse_args(argv)
     check_shape_arguments(parser, args, positive=("steps",))
-    if args.warmup < 0:
-        parser.error("--warmup must be >= 0")
     return args
 
 

@@ -407,9 +407,8 @@ class RLTrainer(abc.ABC):
         if generate is None:
             from alignment.ppo.infer_utils import generate_rollout as generate
         model = self.actor_trainer.rollout_model
-        extra = {"return_log_probs": True} if return_log_probs else {}
-        if return_log_probs and self._generate_fn is not None:
-            extra = {}  # a custom generate function returns sequences only
+        # (a custom generate function returns sequences only)
+        extra = {"return_log_probs": True} if return_log_probs and self._generate_fn is None else {}
         with model_parallel_broadcast_guard(model):
             result = generate(
                 model,

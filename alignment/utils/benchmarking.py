@@ -18,6 +18,7 @@ from typing import Any, Sequence
 __all__ = [
     "ModelShape",
     "add_shape_arguments",
+    "add_step_arguments",
     "check_shape_arguments",
     "forward_flops",
     "llama_config",
@@ -45,8 +46,18 @@ def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
+def add_step_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--steps`` (timed steps, default 5) and ``--warmup`` (untimed steps before them, default 1) of the
+    step benchmarks; :func:`check_shape_arguments` checks them."""
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (default 5)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones (default 1)")
+
+
 def check_shape_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, positive: Sequence[str] = ()) -> None:
-    """``parser.error`` for a non-positive size (the shape flags plus ``positive``) or heads not dividing hidden."""
+    """``parser.error`` for a non-positive size (the shape flags plus ``positive``), heads not dividing
+    hidden, or a negative ``--warmup``."""
+    if getattr(args, "warmup", 0) < 0:
+        parser.error("--warmup must be >= 0")
     names = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "batch_size",
              "prompt_len", "new_tokens", *positive)  # fmt: skip
     for name in names:

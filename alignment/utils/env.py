@@ -30,6 +30,7 @@ path, which is how CI exercises on an AVX-512 machine what AVX2-only users run. 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -228,7 +229,7 @@ def release_free_memory(min_bytes: int = RELEASE_FREE_MEMORY_MIN_BYTES) -> bool:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallinfo2.restype = _MallInfo2
+        libc.mallinfo2.restype = _mallinfo2_struct()
         if libc.mallinfo2().fordblks < min_bytes:
             return False
         return bool(libc.malloc_trim(0))
@@ -236,6 +237,7 @@ def release_free_memory(min_bytes: int = RELEASE_FREE_MEMORY_MIN_BYTES) -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=None)
 def _mallinfo2_struct():
     import ctypes
 
@@ -245,9 +247,6 @@ def _mallinfo2_struct():
         )]  # fmt: skip
 
     return MallInfo2
-
-
-_MallInfo2 = _mallinfo2_struct()
 
 
 def setup_cpu_runtime(num_threads: int | None = None) -> int:
