@@ -95,7 +95,6 @@ class PPOTrainer(RLTrainer):
         self.reward_model = reward_model
         self.reward_tokenizer = reward_tokenizer
         self.reward_source = reward_source
-        self._check_rollout_ratio = False  # the next actor loss logs train/rollout_ratio_deviation (old_log_probs)
         frozen = [model for model in (reference_model, reward_model) if model is not None]
         for model in frozen:
             model.eval()
@@ -337,7 +336,7 @@ class PPOTrainer(RLTrainer):
         else:
             with paddle.no_grad():
                 entropy = masked_loss_mean(token_entropy, mask, mean_type)
-        if metrics is not None and self._check_rollout_ratio:
+        if metrics is not None and getattr(self, "_check_rollout_ratio", False):  # (set by old_log_probs)
             self._check_rollout_ratio = False  # the first micro-batch, before any optimizer step
             metrics["train/rollout_ratio_deviation"] = float(
                 rollout_ratio_deviation(log_probs.detach(), batch["old_log_probs"], mask).item()
