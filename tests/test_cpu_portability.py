@@ -345,3 +345,43 @@ def test_release_free_memory_gives_heap_holes_back_to_the_os():
     out = subprocess.run([sys.executable, "-c", _HOLES], capture_output=True, text=True, env=env_vars, check=True)
     held, kept, after = map(int, out.stdout.split()[-3:])
     assert held >= 45 and kept >= 45 and after <= 5, (held, kept, after)
+
+
+_REFAULTS = """
+import ctypes, resource, sys
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+if sys.argv[1] == "keep":
+    from alignment.utils.env import setup_cpu_runtime
+    setup_cpu_runtime(1)  # calls keep_freed_tensor_memory
+size = 40 << 20  # above glibc's largest dynamic mmap threshold (32 MiB): mmap-ed by default
+def touch_once():
+    pointer = libc.malloc(size); ctypes.memset(pointer, 1, size); libc.free(pointer)
+touch_once()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+touch_once()  # the same size again: new page faults unless the freed block stayed mapped
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, size // 4096)
+"""
+
+
+@pytest.mark.parametrize("mode", ["keep", "default"])
+def test_keep_freed_tensor_memory_saves_the_page_faults_of_the_next_tensor(mode, repo_root):
+    """After ``setup_cpu_runtime`` (:func:`keep_freed_tensor_memory`) a freed 40 MiB block serves the next
+    one without faulting its pages in again; glibc's default gives it back to the OS (all pages fault)."""
+    env_vars = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    env_vars["PYTHONPATH"] = str(repo_root)
+    out = subprocess.run([sys.executable, "-c", _REFAULTS, mode], capture_output=True, text=True, env=env_vars, check=True)
+    faults, pages = map(int, out.stdout.split()[-2:])
+    if mode == "keep":
+        assert faults < pages // 10, (faults, pages)
+    else:
+        assert faults >= pages * 9 // 10, (faults, pages)
+
+
+@pytest.mark.parametrize("setting", ["MALLOC_TRIM_THRESHOLD_=1000000", "GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4096"])
+def test_keep_freed_tensor_memory_leaves_a_users_malloc_tuning_alone(setting, monkeypatch):
+    name, value = setting.split("=", 1)
+    monkeypatch.setenv(name, value)
+    assert env.keep_freed_tensor_memory() is False
