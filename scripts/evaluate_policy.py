@@ -21,6 +21,8 @@ import json
 import os
 import sys
 
+from alignment.evaluate.arena import add_sampling_arguments
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -28,16 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--reward-model", default=None, help="score-model checkpoint directory (optional)")
     parser.add_argument("--reward-functions", default=None, help="registered reward functions 'name[:weight],...' (optional)")
     parser.add_argument("--custom-reward-modules", default=None, help="modules or .py files registering reward functions")
-    parser.add_argument("--prompts", required=True, help="dataset spec name[:proportion[:path]] of prompts")
-    parser.add_argument("--output", required=True, help="JSON file to write")
-    parser.add_argument("--samples", type=int, default=4, help="responses per prompt")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--max-length", type=int, default=64, help="prompt token limit")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--backend", default="auto", choices=["auto", "fast", "plain", "fused"])
+    add_sampling_arguments(parser, samples_help="responses per prompt")
     parser.add_argument(
         "--chat-template", default="beaver", help="beaver, tokenizer (the policy tokenizer's jinja template) or a jinja file"
     )
@@ -55,7 +48,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     from alignment.models import AutoModelForScore
     from alignment.models.hf_convert import resolve_pretrained_dir
     from alignment.models.ppo_model_utils import make_rollout_attention_mask
-    from alignment.ppo.eval_utils import score_sequences, split_prompt_response
+    from alignment.ppo.eval_utils import decode_prompt_responses, score_sequences
     from alignment.ppo.infer_utils import generate_rollout
 
     paddle.seed(args.seed)
@@ -97,12 +90,7 @@ def evaluate(args: argparse.Namespace) -> dict:
             if reward_model is not None:
                 rewards += score_sequences(reward_model, sequences, mask, tokenizer, reward_tokenizer).numpy()
         entries = []
-        for row in range(sequences.shape[0]):
-            keep = mask[row].numpy()
-            token_ids = sequences[row].numpy()
-            prompt_text = tokenizer.decode(token_ids[:width][keep[:width]].tolist(), skip_special_tokens=True)
-            full_text = tokenizer.decode(token_ids[keep].tolist(), skip_special_tokens=True)
-            user, response = split_prompt_response(prompt_text, full_text)
+        for user, response in decode_prompt_responses(tokenizer, sequences, mask, width):
             entry = {"prompt": user, "response": response}
             try:
                 entry["task_score"] = task_score(user, response)

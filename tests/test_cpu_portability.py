@@ -356,10 +356,10 @@ libc.free.argtypes = [ctypes.c_void_p]
 if sys.argv[1] == "keep":
     from alignment.utils.env import setup_cpu_runtime
     setup_cpu_runtime(1)  # calls keep_freed_tensor_memory
-size = 40 << 20  # above glibc's largest dynamic mmap threshold (32 MiB): mmap-ed by default
+size = 8 << 20  # an activation-sized tensor
 def touch_once():
     pointer = libc.malloc(size); ctypes.memset(pointer, 1, size); libc.free(pointer)
-touch_once()
+touch_once()  # by default mmap-ed, and unmapped when freed (glibc then serves this size from its heap)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 touch_once()  # the same size again: new page faults unless the freed block stayed mapped
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, size // 4096)
@@ -368,7 +368,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, size // 4096)
 
 @pytest.mark.parametrize("mode", ["keep", "default"])
 def test_keep_freed_tensor_memory_saves_the_page_faults_of_the_next_tensor(mode, repo_root):
-    """After ``setup_cpu_runtime`` (:func:`keep_freed_tensor_memory`) a freed 40 MiB block serves the next
+    """After ``setup_cpu_runtime`` (:func:`keep_freed_tensor_memory`) a freed 8 MiB block serves the next
     one without faulting its pages in again; glibc's default gives it back to the OS (all pages fault)."""
     env_vars = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
     env_vars["PYTHONPATH"] = str(repo_root)

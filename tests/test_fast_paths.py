@@ -221,6 +221,29 @@ def test_first_update_reuses_the_experience_forward_with_the_same_result(tmp_pat
             assert mine[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-6), key
 
 
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_a_reused_actor_forward_runs_after_every_other_experience_forward(tmp_path, tiny_assets, tiny_score_model, repo_root, algorithm):
+    """The kept actor graph is built last, so no other model's forward runs while it is held (at 110M and
+    1024 tokens those forwards' attention buffers on top of it cost GBs)."""
+    extra = {} if algorithm == "ppo" else {"rl_algorithm": "grpo", "num_return_sequences": 2, "per_device_prompt_batch_size": 2}
+    settings = dict(max_steps=1, per_device_prompt_batch_size=4, per_device_train_batch_size=4, rollout_backend="fast")
+    trainer = make_trainer(ppo_config(tmp_path, tiny_assets, tiny_score_model, repo_root, **{**settings, **extra}))
+    assert trainer.first_update_reuses_experience(4)
+    # (causal LMs: their backbone, which response_logits calls directly)
+    models = {"actor": trainer.actor_trainer.model.llama, "reference": trainer.reference_model.llama, "reward": trainer.reward_model}
+    if algorithm == "ppo":
+        models["critic"] = trainer.critic_trainer.model
+    calls = []
+    handles = [model.register_forward_pre_hook(lambda layer, inputs, name=name: calls.append(name)) for name, model in models.items()]
+    try:
+        trainer.train()
+    finally:
+        for handle in handles:
+            handle.remove()
+    expected = ["reference", "reward", "critic", "actor", "critic"] if algorithm == "ppo" else ["reference", "reward", "actor"]
+    assert calls == expected  # experience (actor last), then the update: the critic's forward only
+
+
 def test_experience_forward_is_not_reused_when_the_update_splits_or_repeats(tmp_path, tiny_assets, tiny_score_model, repo_root):
     trainer = make_trainer(ppo_config(tmp_path, tiny_assets, tiny_score_model, repo_root, per_device_prompt_batch_size=4,
                                       per_device_train_batch_size=4))  # fmt: skip

@@ -146,7 +146,7 @@ def generate_and_score(
 
     from alignment.data import load_tokenizer
     from alignment.models.ppo_model_utils import make_rollout_attention_mask
-    from alignment.ppo.eval_utils import score_sequences, split_prompt_response
+    from alignment.ppo.eval_utils import decode_prompt_responses, score_sequences
     from alignment.ppo.infer_utils import generate_rollout
 
     paddle.seed(seed)
@@ -169,13 +169,8 @@ def generate_and_score(
                 name: score_sequences(model, sequences, mask, tokenizer, score_tokenizer).numpy()
                 for name, (model, score_tokenizer) in scorers.items()
             }
-        width = batch["input_ids"].shape[1]
-        for row in range(sequences.shape[0]):
-            keep = mask[row].numpy()
-            token_ids = sequences[row].numpy()
-            prompt_text = tokenizer.decode(token_ids[:width][keep[:width]].tolist(), skip_special_tokens=True)
-            full_text = tokenizer.decode(token_ids[keep].tolist(), skip_special_tokens=True)
-            user, response = split_prompt_response(prompt_text, full_text)
+        texts = decode_prompt_responses(tokenizer, sequences, mask, batch["input_ids"].shape[1])
+        for row, (user, response) in enumerate(texts):
             rows.append({"prompt": user, "response": response, **{name: float(s[row]) for name, s in scores.items()}})
     return rows
 
@@ -241,6 +236,21 @@ def format_arena(summary: dict[str, Any], names: tuple[str, str]) -> str:
     return "\n".join(lines)
 
 
+def add_sampling_arguments(parser: argparse.ArgumentParser, samples_help: str) -> None:
+    """The prompt, sampling and output flags every policy-evaluation CLI shares (this arena and
+    ``scripts/evaluate_policy.py``)."""
+    parser.add_argument("--prompts", required=True, help="dataset spec name[:proportion[:path]] of prompts")
+    parser.add_argument("--output", required=True, help="JSON file to write")
+    parser.add_argument("--samples", type=int, default=4, help=samples_help)
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--max-length", type=int, default=64, help="prompt token limit")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--backend", default="auto", choices=["auto", "fast", "plain", "fused"])
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--red-policy", required=True, help="baseline causal-LM checkpoint (e.g. the SFT model)")
@@ -249,17 +259,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--blue-name", default="blue")
     parser.add_argument("--reward-model", required=True, help="reward score-model checkpoint")
     parser.add_argument("--cost-model", required=True, help="cost score-model checkpoint")
-    parser.add_argument("--prompts", required=True, help="dataset spec name[:proportion[:path]] of prompts")
-    parser.add_argument("--output", required=True, help="JSON file to write")
     parser.add_argument("--plot", default=None, help="PNG to write (default: the JSON path with .png)")
-    parser.add_argument("--samples", type=int, default=4, help="answers per prompt and policy")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--max-length", type=int, default=64, help="prompt token limit")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--backend", default="auto", choices=["auto", "fast", "plain", "fused"])
+    add_sampling_arguments(parser, samples_help="answers per prompt and policy")
     args = parser.parse_args(argv)
     problems = [f"{flag}: path {getattr(args, attr)!r} does not exist" for flag, attr in (
         ("--red-policy", "red_policy"), ("--blue-policy", "blue_policy"),

@@ -91,10 +91,10 @@ class CriticFreeTrainer(PPOTrainer):
         prompts = prompt_input_ids.shape[0]
         start = prompt_input_ids.shape[1] - 1
         position_ids = make_position_ids(attention_mask)
-        log_probs = self.old_log_probs(sequences, attention_mask, position_ids, start)
         with self.offload.use("freeze_model", self.reference_model):
             ref_log_probs = self.log_probs_of(self.reference_model, sequences, attention_mask, position_ids, start)
         reward, reward_parts = self.sequence_rewards(sequences, attention_mask, prompt_input_ids.shape[1], prompt_indices, self.train_dataset)
+        log_probs = self.old_log_probs(sequences, attention_mask, position_ids, start)  # last, as in PPO
 
         response_mask = make_sequence_mask(attention_mask, start)[:, start:]
         rewards = add_kl_divergence_regularization(

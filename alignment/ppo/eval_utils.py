@@ -17,7 +17,7 @@ from alignment.models.ppo_model_utils import make_rollout_attention_mask
 from alignment.ppo.trainer_utils import all_reduce_sum
 from alignment.utils.metrics import is_main_process
 
-__all__ = ["evaluate_policy", "score_sequences", "split_prompt_response", "format_table"]
+__all__ = ["evaluate_policy", "score_sequences", "split_prompt_response", "decode_prompt_responses", "format_table"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,18 @@ def split_prompt_response(prompt_text: str, full_text: str) -> tuple[str, str]:
     return user, response.strip()
 
 
+def decode_prompt_responses(tokenizer: Any, sequences: paddle.Tensor, attention_mask: paddle.Tensor, prompt_width: int) -> list[tuple[str, str]]:
+    """``(user input, response)`` texts of every row of ``sequences [B, L]``, whose first ``prompt_width``
+    columns hold the (left-padded) prompt; ``attention_mask [B, L]`` marks the real tokens."""
+    ids, mask = sequences.numpy(), attention_mask.numpy().astype(bool)
+    pairs = []
+    for row in range(ids.shape[0]):
+        prompt_text = tokenizer.decode(ids[row, :prompt_width][mask[row, :prompt_width]].tolist(), skip_special_tokens=True)
+        full_text = tokenizer.decode(ids[row][mask[row]].tolist(), skip_special_tokens=True)
+        pairs.append(split_prompt_response(prompt_text, full_text))
+    return pairs
+
+
 def format_table(rows: list[dict[str, Any]], columns: tuple[str, ...] = ("prompt", "response", "reward"), width: int = 48) -> str:
     """A plain-text table (no rich dependency), cells cut to ``width`` characters."""
 
@@ -108,14 +120,8 @@ def evaluate_policy(trainer: Any, dataset: Any, step: int, num_table_rows: int =
         rewards, parts = trainer.sequence_rewards(sequences, attention_mask, prompt_width, batch_indices, dataset)
         rewards = rewards.numpy()
         lengths = attention_mask[:, prompt_width:].astype("int64").sum(axis=-1).numpy()
-        for row in range(sequences.shape[0]):
-            mask = attention_mask[row].numpy().astype(bool)
-            ids = sequences[row].numpy()
-            prompt_ids = ids[:prompt_width][mask[:prompt_width]]
-            full_ids = ids[mask]
-            prompt_text = trainer.tokenizer.decode(prompt_ids.tolist(), skip_special_tokens=True)
-            full_text = trainer.tokenizer.decode(full_ids.tolist(), skip_special_tokens=True)
-            user, response = split_prompt_response(prompt_text, full_text)
+        texts = decode_prompt_responses(trainer.tokenizer, sequences, attention_mask, prompt_width)
+        for row, (user, response) in enumerate(texts):
             entry = {"prompt": user, "response": response, "reward": float(rewards[row]), "length": int(lengths[row])}
             entry.update({f"reward_{name}": float(values[row]) for name, values in parts.items()})
             rows.append(entry)

@@ -26,7 +26,7 @@ import paddle
 import paddle.distributed as dist
 
 from alignment.models.lagrange import LagrangeMultiplier, add_kl_divergence_to_cost, combine_advantages
-from alignment.models.ppo_model_utils import critic_loss_fn, get_advantages_and_returns, masked_mean
+from alignment.models.ppo_model_utils import critic_loss_fn, get_advantages_and_returns, make_position_ids, masked_mean
 from alignment.ppo.eval_utils import score_sequences
 from alignment.ppo.ppo_trainer import PPOTrainer
 from alignment.ppo.trainer_utils import StepTrainer, world_info
@@ -163,10 +163,12 @@ class PPOLagTrainer(PPOTrainer):
     @paddle.no_grad()
     def make_experience(self, prompt_input_ids, sequences, attention_mask, prompt_indices=None) -> dict[str, Any]:
         args = self.args
-        experience = super().make_experience(prompt_input_ids, sequences, attention_mask, prompt_indices)
-        start, mask, position_ids = experience["start"], experience["response_mask"], experience["position_ids"]
+        # The cost forwards first: PPO's experience runs the actor last (see PPOTrainer.make_experience).
         cost = self.cost_score(sequences, attention_mask)
+        start, position_ids = prompt_input_ids.shape[1] - 1, make_position_ids(attention_mask)  # as PPO's
         cost_values = self.values_of(self.cost_critic_trainer.rollout_model, sequences, attention_mask, position_ids, start)
+        experience = super().make_experience(prompt_input_ids, sequences, attention_mask, prompt_indices)
+        mask = experience["response_mask"]
         costs = add_kl_divergence_to_cost(
             cost, experience["old_log_probs"], experience["ref_log_probs"], mask, args.kl_coeff, args.clip_range_score,
             args.clip_mode,

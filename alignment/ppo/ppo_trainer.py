@@ -45,6 +45,7 @@ from alignment.models.ppo_model_utils import (
 from alignment.ppo.eval_utils import score_sequences, split_prompt_response
 from alignment.ppo.rl_trainer import RLTrainer, RolloutSettings, response_logits
 from alignment.ppo.trainer_utils import StepTrainer
+from alignment.utils.env import release_free_memory
 
 __all__ = ["PPOTrainer", "response_logits"]
 
@@ -139,6 +140,7 @@ class PPOTrainer(RLTrainer):
             return rollout.astype("float32")
         if self.first_update_reuses_experience(sequences.shape[0]):
             # This forward is also the update's: same weights, same rows, one micro-batch (see the method).
+            release_free_memory()  # the other experience forwards' freed buffers, before the kept graph
             trainer = self.actor_trainer
             self.set_train(True)
             try:
@@ -257,11 +259,12 @@ class PPOTrainer(RLTrainer):
         args = self.args
         start = prompt_input_ids.shape[1] - 1  # log_probs[:, start] is the first generated token
         position_ids = make_position_ids(attention_mask)
-        log_probs = self.old_log_probs(sequences, attention_mask, position_ids, start)
         with self.offload.use("freeze_model", self.reference_model):
             ref_log_probs = self.log_probs_of(self.reference_model, sequences, attention_mask, position_ids, start)
         reward, reward_parts = self.sequence_rewards(sequences, attention_mask, prompt_input_ids.shape[1], prompt_indices, self.train_dataset)
         values = self.values_of(self.critic_trainer.rollout_model, sequences, attention_mask, position_ids, start)
+        # The actor last: a forward kept for its update holds its graph through no other model's forward.
+        log_probs = self.old_log_probs(sequences, attention_mask, position_ids, start)
 
         # Everything below lives on the response columns t = start .. L-2 only ([B, L-1-start]).
         response_mask = make_sequence_mask(attention_mask, start)[:, start:]

@@ -351,6 +351,7 @@ class RLTrainer(abc.ABC):
         start = batch["start"]
         policy = role in self.POLICY_ROLES
         metrics: dict[str, float] = {}
+        release_free_memory()  # the previous model's freed activations, before this one builds its graph
 
         def head_loss(output: paddle.Tensor, micro_batch: dict[str, Any]) -> paddle.Tensor:
             output = output[:, start:-1] if policy else output[:, start:-1, 0]
