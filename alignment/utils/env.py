@@ -230,10 +230,7 @@ def release_free_memory(min_bytes: int = RELEASE_FREE_MEMORY_MIN_BYTES) -> bool:
     glibc >= 2.33 (no ``mallinfo2``).
     """
     try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallinfo2.restype = _mallinfo2_struct()
+        libc = _glibc()
         if libc.mallinfo2().fordblks < min_bytes:
             return False
         return bool(libc.malloc_trim(0))
@@ -242,7 +239,10 @@ def release_free_memory(min_bytes: int = RELEASE_FREE_MEMORY_MIN_BYTES) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _mallinfo2_struct():
+def _glibc():
+    """The C library (``ctypes.CDLL``), loaded once, with ``mallinfo2``'s return type declared when it
+    has one; raises ``OSError`` where there is no ``libc.so.6``. (:func:`release_free_memory` runs before
+    every model's update, so the handle is not looked up each time.)"""
     import ctypes
 
     class MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2 (all size_t)
@@ -250,7 +250,10 @@ def _mallinfo2_struct():
             "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost",
         )]  # fmt: skip
 
-    return MallInfo2
+    libc = ctypes.CDLL("libc.so.6")
+    if hasattr(libc, "mallinfo2"):  # glibc >= 2.33
+        libc.mallinfo2.restype = MallInfo2
+    return libc
 
 
 #: glibc ``mallopt`` parameter numbers (``malloc.h``).
@@ -279,15 +282,13 @@ def keep_freed_tensor_memory() -> bool:
     loop's phase boundaries. Measured on the 7M PPO reference step (AVX2 path, alternating runs): 0.67-0.75
     -> 0.61-0.65 s (the same thresholds save TRL/torch ~0.02 s); peak RSS at 110M parameters 5.52 GB
     (1.40x the fp32 bound) for 64 new tokens, 15.9 GB (glibc's defaults: 15.7) for 1024. Does nothing
-    when the user tunes malloc (:data:`MALLOC_ENV_VARS`,
-    ``GLIBC_TUNABLES=glibc.malloc...``) or the C library is not glibc.
+    when the user tunes malloc (:data:`MALLOC_ENV_VARS`, ``GLIBC_TUNABLES=glibc.malloc...``) or the C
+    library is not glibc.
     """
     if any(name in os.environ for name in MALLOC_ENV_VARS) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         return False
     try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
+        libc = _glibc()
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, TENSOR_MMAP_THRESHOLD)) and bool(
             libc.mallopt(_M_TRIM_THRESHOLD, TENSOR_TRIM_THRESHOLD)
         )
